@@ -1,0 +1,293 @@
+"""`runner.Checkpointer`: the facade a training script uses (DESIGN.md 3.2).
+
+It wires the parts and keeps little state of its own: settings -> store;
+`restore()` asks the reader for the newest valid snapshot and loads it;
+`step()` polls the control channel and decides when to save; saving captures
+the state to host memory here (the only stall) and hands it to the
+background writer, which commits it and then applies retention.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+
+from runner import control
+from runner.checkpoint import layout, retention, state
+from runner.checkpoint.manifest import Manifest, Reason
+from runner.checkpoint.reader import CorruptSnapshotError, RunReader
+from runner.checkpoint.settings import CheckpointSettings
+from runner.checkpoint.writer import BackgroundWriter, CommitResult, PendingSnapshot, write_snapshot
+from runner.errors import ConfigError, SnapshotNotFoundError
+from runner.storage import StorageError, Store
+
+log = logging.getLogger("runner.checkpoint")
+
+
+class Checkpointer:
+    """Saves and restores the whole training state of one run.
+
+    Components are passed by keyword: any object with `state_dict()` and
+    `load_state_dict()` (modules, optimizers, schedulers, GradScaler, data
+    loaders, your own).  RNG streams are captured automatically.  `extra` is a
+    dict of JSON-able values, saved with each snapshot and updated in place
+    on restore.
+
+    Raises ConfigError on bad settings, StorageError when the bucket is unusable.
+    """
+
+    def __init__(self, bucket: str | None = None, run_id: str | None = None, *,
+                 save_every_steps: int | None = None, keep_last: int | None = None,
+                 storage_options: dict[str, Any] | None = None, resume: str | None = None,
+                 async_save: bool | None = None, strict: bool | None = None,
+                 map_location: Any = "cpu", extra: dict[str, Any] | None = None,
+                 _settings: CheckpointSettings | None = None, **components: Any):
+        if _settings is None:
+            _settings = _build(CheckpointSettings, bucket=bucket, run_id=run_id,
+                               save_every_steps=save_every_steps, keep_last=keep_last,
+                               storage_options=storage_options, resume=resume,
+                               async_save=async_save, strict=strict,
+                               control_dir=_env_control_dir())
+        self.settings = _settings
+        self.components = _check_components(components)
+        self.extra = extra if extra is not None else {}
+        self.map_location = map_location
+        self.store = Store(self.settings.bucket, self.settings.storage_options)
+        self.store.check()
+        self.reader = RunReader(self.store, self.settings.run_id)
+        self.policy = retention.KeepLastN(self.settings.keep_last)
+        self.channel = control.ChildChannel(self.settings.control_dir)
+        control.install_signal_handlers()
+        self._writer = BackgroundWriter(self._commit)
+        self.epoch = 0
+        self.metrics: dict[str, float] = {}
+        self.finished = False
+        self.last_snapshot: Manifest | None = None  # newest committed or restored
+        self.last_commit: CommitResult | None = None
+        self.load_reports: dict[str, state.LoadReport] = {}
+        self._last_saved_step: int | None = None
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> "Checkpointer":
+        """Settings from RUNNER_* (what `runner start` passes); keywords override."""
+        names = set(CheckpointSettings.model_fields)
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        settings = _build(CheckpointSettings.from_env, **overrides)
+        return cls(_settings=settings, **kwargs)
+
+    @property
+    def run_id(self) -> str:
+        return self.settings.run_id
+
+    # -- restore -----------------------------------------------------------
+
+    def restore(self, snapshot: str | None = None) -> int:
+        """Load the newest valid snapshot (or `snapshot`); returns the step to continue from.
+
+        Returns 0 on a fresh run.  Corrupt or unsafe snapshots are skipped with
+        a warning.  Raises StateMismatchError when a module's structure changed
+        (and strict), SnapshotNotFoundError for a named snapshot that is unusable.
+        """
+        target = snapshot or self.settings.resume
+        if target == "none":
+            return 0
+        for manifest in self._candidates(target, named=snapshot is not None):
+            try:
+                states = self._read_states(manifest)
+            except (CorruptSnapshotError, state.UnsafeDataError, StorageError) as exc:
+                if snapshot is not None:
+                    raise SnapshotNotFoundError(f"snapshot {manifest.snapshot_id} is unusable: {exc}") from None
+                log.warning("snapshot %s (step %d) is unusable (%s); trying the previous one",
+                            manifest.snapshot_id, manifest.step, exc)
+                continue
+            self._apply(manifest, states)
+            return manifest.step
+        if snapshot is not None:
+            raise SnapshotNotFoundError(f"no valid snapshot {snapshot} in run {self.run_id}")
+        log.info("run %s: no snapshot yet, starting fresh", self.run_id)
+        return 0
+
+    def _candidates(self, target: str, named: bool):
+        if target != "latest":
+            status = self.reader.status(target)
+            if status.valid:
+                yield status.manifest
+            elif named:
+                raise SnapshotNotFoundError(f"snapshot {target} of run {self.run_id}: {status.problem}")
+            else:
+                log.warning("resume snapshot %s is not usable (%s); using the newest valid one", target, status.problem)
+        yield from self.reader.valid_snapshots()
+
+    def _read_states(self, manifest: Manifest) -> dict[str, Any]:
+        """Verify and deserialize every registered component (and RNG) before touching any."""
+        states: dict[str, Any] = {}
+        for name in [*self.components, state.RNG_COMPONENT]:
+            entry = manifest.file(name)
+            if entry is None:
+                if name == state.RNG_COMPONENT or not self.settings.strict:
+                    log.warning("snapshot %s has no component %r; it keeps its current state", manifest.snapshot_id, name)
+                    continue
+                raise CorruptSnapshotError(f"it has no component {name!r} (saved: {', '.join(f.component for f in manifest.files)})")
+            states[name] = state.deserialize(self.reader.read_file(manifest, entry), self.map_location)
+        return states
+
+    def _apply(self, manifest: Manifest, states: dict[str, Any]) -> None:
+        for name, value in states.items():
+            obj = self.components.get(name)
+            report = state.load_into(name, obj, value, self.settings.strict)
+            if not report.clean:
+                log.warning("component %r restored non-strictly; left at initialization: %s", name, report.describe())
+            self.load_reports[name] = report
+        self.extra.clear()
+        self.extra.update(manifest.extra)
+        self.epoch, self.metrics = manifest.epoch, dict(manifest.metrics)
+        self.finished = manifest.final
+        self.last_snapshot = manifest
+        self._last_saved_step = manifest.step
+        log.info("run %s: restored snapshot %s (step %d, epoch %d)", self.run_id, manifest.snapshot_id,
+                 manifest.step, manifest.epoch)
+
+    # -- the training loop's hook -------------------------------------------
+
+    def step(self, step: int, *, epoch: int | None = None, metrics: dict[str, float] | None = None) -> bool:
+        """Call once per training step. Saves when due; True means: stop now (preempted).
+
+        A periodic save that fails is logged and retried at the next interval;
+        training goes on.  An emergency save that fails raises StorageError.
+        """
+        request = self.channel.poll()
+        if request is not None:
+            reason = Reason.EMERGENCY if request.action == control.STOP else Reason.MANUAL
+            result = self.save(step, epoch=epoch, metrics=metrics, reason=reason)
+            self.channel.ack(request, result.manifest.snapshot_id, step)
+            return request.action == control.STOP
+        if self._due(step):
+            self._save_async(step, epoch, metrics)
+        return False
+
+    def _due(self, step: int) -> bool:
+        last = self._last_saved_step or 0
+        return step - last >= self.settings.save_every_steps
+
+    def _save_async(self, step: int, epoch: int | None, metrics: dict[str, float] | None) -> None:
+        try:
+            self._writer.wait()
+        except StorageError as exc:
+            log.warning("the previous periodic save failed (%s); training goes on, next try at step %d", exc, step)
+        pending = self._capture(step, epoch, metrics, Reason.PERIODIC)
+        if self.settings.async_save:
+            self._writer.submit(pending)
+        else:
+            self._commit(pending)
+
+    def save(self, step: int, *, epoch: int | None = None, metrics: dict[str, float] | None = None,
+             final: bool = False, reason: Reason | str | None = None, pin: bool = False) -> CommitResult:
+        """Save now and wait until committed. `final=True` marks the run finished."""
+        try:
+            self._writer.wait()
+        except StorageError as exc:
+            log.warning("the previous periodic save failed (%s); saving again now", exc)
+        chosen = Reason.FINAL if final else Reason(reason or Reason.MANUAL)
+        result = self._commit(self._capture(step, epoch, metrics, chosen))
+        if pin:
+            self.pin(result.manifest.snapshot_id)
+        if final:
+            self.finished = True
+        return result
+
+    def pin(self, snapshot_id: str) -> None:
+        """Keep a snapshot out of rotation (see `runner pin`)."""
+        self.store.write_bytes(layout.pin_key(self.run_id, snapshot_id), b"")
+
+    def _capture(self, step: int, epoch: int | None, metrics: dict[str, float] | None, reason: Reason) -> PendingSnapshot:
+        if epoch is not None:
+            self.epoch = int(epoch)
+        if metrics:
+            self.metrics = {k: float(v) for k, v in metrics.items()}
+        _check_json(self.extra)
+        started = time.perf_counter()
+        components = state.capture(self.components)
+        parent = self.last_snapshot.snapshot_id if self.last_snapshot else None
+        self._last_saved_step = step
+        return PendingSnapshot(step=step, reason=reason, components=components, epoch=self.epoch,
+                               parent=parent, world_size=_world_size(), metrics=dict(self.metrics),
+                               extra=json.loads(json.dumps(self.extra)),
+                               capture_seconds=time.perf_counter() - started)
+
+    def _commit(self, pending: PendingSnapshot) -> CommitResult:
+        """Write, then apply retention (only after this commit succeeded)."""
+        result = write_snapshot(self.store, self.run_id, pending)
+        self.last_snapshot = result.manifest
+        self.last_commit = result
+        log.info("run %s: committed snapshot %s (step %d, %s) in %.2fs", self.run_id, result.manifest.snapshot_id,
+                 pending.step, pending.reason.value, result.write_seconds)
+        try:
+            retention.apply(self.reader, retention.plan(self.reader, self.policy))
+        except StorageError as exc:
+            log.warning("retention skipped: %s", exc)
+        return result
+
+    def wait(self) -> CommitResult | None:
+        """Block until the periodic save in flight (if any) is committed."""
+        return self._writer.wait()
+
+    def close(self) -> None:
+        """Wait for the save in flight and release the writer thread."""
+        self._writer.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def preemption_requested() -> bool:
+    """True once the supervisor (or a user's SIGUSR1) asked the process to save and stop."""
+    return control.preemption_requested()
+
+
+def _build(factory: Any, **values: Any) -> CheckpointSettings:
+    from pydantic import ValidationError
+
+    values = {k: v for k, v in values.items() if v is not None}
+    if not values.get("bucket") and factory is CheckpointSettings:
+        raise ConfigError("no bucket: pass bucket=... or set RUNNER_BUCKET")
+    try:
+        return factory(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "settings"
+        hint = " (set RUNNER_BUCKET or pass bucket=...)" if field == "bucket" else ""
+        raise ConfigError(f"invalid {field}: {first['msg']}{hint}") from None
+
+
+def _env_control_dir() -> str | None:
+    import os
+
+    return os.environ.get(control.ENV_CONTROL_DIR) or None
+
+
+def _check_components(components: dict[str, Any]) -> dict[str, Any]:
+    for name, obj in components.items():
+        if name.startswith("_") or not layout.valid_run_id(name):
+            raise ConfigError(f"component name {name!r} is not allowed: use letters, digits, '.', '_', '-'")
+        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+            raise ConfigError(f"component {name!r} has no state_dict()/load_state_dict(); put plain values in extra=")
+    return components
+
+
+def _check_json(extra: dict[str, Any]) -> None:
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"extra= must hold JSON-able values only: {exc}") from None
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

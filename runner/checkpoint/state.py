@@ -1,0 +1,174 @@
+"""Capturing and restoring the training state (the only torch-aware part).
+
+Capture copies every tensor of every registered component to host memory, so
+the training loop may go on mutating its tensors while the copy is written in
+the background.  Serialization is `torch.save`; deserialization is
+`torch.load(weights_only=True)`, which refuses anything but tensors and plain
+containers, so a data file from the bucket can never run code.
+
+RNG streams (python, numpy, torch CPU, every CUDA device) are captured as an
+implicit component named `_rng`, in forms `weights_only` accepts.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import random
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+RNG_COMPONENT = "_rng"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
+class UnsafeDataError(ValueError):
+    """A data file holds something other than tensors and plain containers."""
+
+
+class StateMismatchError(ValueError):
+    """A saved model does not fit the registered one (structure changed)."""
+
+
+@dataclass
+class LoadReport:
+    """What a non-strict model restore could not load."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self) -> str:
+        parts = []
+        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                            ("shape-mismatched", self.mismatched)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:20])}{' …' if len(keys) > 20 else ''}")
+        return "; ".join(parts) or "all keys matched"
+
+
+def host_copy(obj: Any) -> Any:
+    """A deep copy with every tensor copied to CPU memory (what the loop waits for)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, OrderedDict):
+        return OrderedDict((k, host_copy(v)) for k, v in obj.items())
+    if isinstance(obj, Mapping):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [host_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(host_copy(v) for v in obj)
+    return obj
+
+
+def capture_rng() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npst = state["numpy"]
+    np.random.set_state({
+        "bit_generator": npst["bit_generator"],
+        "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": npst["pos"]},
+        "has_gauss": npst["has_gauss"],
+        "gauss": npst["gauss"],
+    })
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        # Restore as many devices as both sides have; a different GPU count is allowed.
+        for index, rng in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(rng, index)
+
+
+def capture(components: Mapping[str, Stateful]) -> dict[str, Any]:
+    """Host-memory copies of every component's state, plus the RNG streams."""
+    out = {name: host_copy(obj.state_dict()) for name, obj in components.items()}
+    out[RNG_COMPONENT] = capture_rng()
+    return out
+
+
+def serialize(state: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def deserialize(data: bytes, map_location: Any = "cpu") -> Any:
+    """Load bytes written by `serialize`. Raises UnsafeDataError for anything that is not plain data."""
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeDataError(f"refusing to load: it holds more than tensors and plain data ({_first_line(exc)})") from None
+    except (RuntimeError, EOFError, ValueError) as exc:
+        raise UnsafeDataError(f"cannot read it as a tensor file ({_first_line(exc)})") from None
+
+
+def load_into(name: str, obj: Stateful, state: Any, strict: bool) -> LoadReport:
+    """Load `state` into `obj`. Modules get a precise structure check first.
+
+    Raises StateMismatchError when strict and the structure differs.
+    """
+    if name == RNG_COMPONENT:
+        restore_rng(state)
+        return LoadReport()
+    if isinstance(obj, torch.nn.Module):
+        return _load_module(name, obj, state, strict)
+    obj.load_state_dict(state)
+    return LoadReport()
+
+
+def _load_module(name: str, module: torch.nn.Module, state: Mapping[str, Any], strict: bool) -> LoadReport:
+    own = module.state_dict()
+    report = LoadReport(
+        missing=sorted(k for k in own if k not in state),
+        unexpected=sorted(k for k in state if k not in own),
+        mismatched=sorted(
+            f"{k} {tuple(state[k].shape)}->{tuple(own[k].shape)}"
+            for k in own
+            if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape
+        ),
+    )
+    if strict and not report.clean:
+        raise StateMismatchError(
+            f"component {name!r} does not match the snapshot ({report.describe()}); "
+            "pass strict=False to load what matches"
+        )
+    mismatched = {m.split(" ", 1)[0] for m in report.mismatched}
+    module.load_state_dict({k: v for k, v in state.items() if k not in mismatched}, strict=False)
+    return report
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

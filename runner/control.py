@@ -1,0 +1,159 @@
+"""What the supervisor and the training process share: env names and the control protocol.
+
+`checkpoint/` and `supervisor/` never import each other; both import this.
+
+The supervisor starts the child with:
+    RUNNER_BUCKET, RUNNER_RUN_ID, RUNNER_SAVE_EVERY_STEPS, RUNNER_KEEP_LAST,
+    RUNNER_STORAGE_OPTIONS (JSON object), RUNNER_RESUME (snapshot id, "latest"
+    or "none"), RUNNER_CONTROL_DIR (a local folder for requests and acks).
+
+Requests reach the child two ways, so that either alone suffices:
+- a signal: SIGUSR1 = save now and stop; SIGUSR2 = save now and go on
+  (for a rebalance recommendation).  Sent to the child's process group, it
+  reaches every torchrun worker.  A user can send it by hand: `kill -USR1 PID`.
+- a file `<control dir>/request.json` ({"id", "action"}), written atomically,
+  which the child polls at step boundaries; it works where signals are
+  swallowed by a wrapper script.
+
+The child answers with `<control dir>/ack-<id>.json` ({"id", "snapshot_id",
+"step"}), written atomically after the snapshot is committed.  Requests made
+by signal are answered under the id "signal".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_BUCKET = "RUNNER_BUCKET"
+ENV_RUN_ID = "RUNNER_RUN_ID"
+ENV_SAVE_EVERY_STEPS = "RUNNER_SAVE_EVERY_STEPS"
+ENV_KEEP_LAST = "RUNNER_KEEP_LAST"
+ENV_STORAGE_OPTIONS = "RUNNER_STORAGE_OPTIONS"
+ENV_RESUME = "RUNNER_RESUME"
+ENV_CONTROL_DIR = "RUNNER_CONTROL_DIR"
+
+STOP_SIGNAL = signal.SIGUSR1
+SAVE_SIGNAL = signal.SIGUSR2
+
+STOP = "stop"  # save now, then stop training (termination notice)
+SAVE = "save"  # save now, keep training (rebalance recommendation)
+SIGNAL_REQUEST_ID = "signal"
+
+_REQUEST_FILE = "request.json"
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    action: str  # STOP or SAVE
+
+
+def _write_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+# -- the child's side ------------------------------------------------------
+
+_stop = threading.Event()
+_save = threading.Event()
+_installed = False
+
+
+def preemption_requested() -> bool:
+    """True once a stop was requested (signal or control file): save and stop soon."""
+    return _stop.is_set()
+
+
+def install_signal_handlers() -> bool:
+    """Route SIGUSR1/SIGUSR2 to the request flags. Only possible from the main thread."""
+    global _installed
+    if _installed:
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(STOP_SIGNAL, lambda *_: _stop.set())
+    signal.signal(SAVE_SIGNAL, lambda *_: _save.set())
+    _installed = True
+    return True
+
+
+class ChildChannel:
+    """Polls for requests and writes acknowledgements (the training process's end)."""
+
+    def __init__(self, control_dir: str | None, poll_interval_s: float = 0.2):
+        self.dir = Path(control_dir) if control_dir else None
+        self.poll_interval_s = poll_interval_s
+        self._last_poll = 0.0
+        self._answered: set[str] = set()
+
+    def poll(self) -> Request | None:
+        """The pending request, if any: cheap enough to call every step."""
+        if _stop.is_set():
+            return Request(SIGNAL_REQUEST_ID, STOP)
+        if _save.is_set():
+            _save.clear()
+            return Request(SIGNAL_REQUEST_ID, SAVE)
+        return self._poll_file()
+
+    def _poll_file(self) -> Request | None:
+        if self.dir is None:
+            return None
+        now = time.monotonic()
+        if now - self._last_poll < self.poll_interval_s:
+            return None
+        self._last_poll = now
+        try:
+            raw = json.loads((self.dir / _REQUEST_FILE).read_text())
+            request = Request(str(raw["id"]), str(raw["action"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if request.id in self._answered or request.action not in (STOP, SAVE):
+            return None
+        if request.action == STOP:
+            _stop.set()
+        return request
+
+    def ack(self, request: Request, snapshot_id: str, step: int) -> None:
+        self._answered.add(request.id)
+        if self.dir is not None:
+            _write_atomic(self.dir / f"ack-{request.id}.json",
+                          {"id": request.id, "snapshot_id": snapshot_id, "step": step})
+
+
+def reset_for_tests() -> None:
+    """Clear the process-wide request flags (tests that run several loops in one process)."""
+    _stop.clear()
+    _save.clear()
+
+
+# -- the supervisor's side -------------------------------------------------
+
+
+class SupervisorChannel:
+    """Writes requests and waits for acknowledgements (the supervisor's end)."""
+
+    def __init__(self, control_dir: str):
+        self.dir = Path(control_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def request(self, action: str) -> str:
+        request_id = uuid.uuid4().hex[:12]
+        _write_atomic(self.dir / _REQUEST_FILE, {"id": request_id, "action": action})
+        return request_id
+
+    def ack(self, request_id: str) -> dict | None:
+        for rid in (request_id, SIGNAL_REQUEST_ID):
+            try:
+                return json.loads((self.dir / f"ack-{rid}.json").read_text())
+            except (OSError, ValueError):
+                continue
+        return None

@@ -1,0 +1,29 @@
+"""Storage: the only code that imports fsspec/botocore (see store.py, errors.py)."""
+
+from runner.storage.errors import (
+    ObjectExistsError,
+    ObjectNotFoundError,
+    StorageError,
+    StoreAccessError,
+    StoreNotFoundError,
+    StoreUnreachableError,
+    TransientStorageError,
+    UnsupportedURLError,
+)
+from runner.storage.store import ObjectInfo, RetryPolicy, Store, clear_caches, parse_storage_options
+
+__all__ = [
+    "ObjectExistsError",
+    "ObjectInfo",
+    "ObjectNotFoundError",
+    "RetryPolicy",
+    "StorageError",
+    "Store",
+    "StoreAccessError",
+    "StoreNotFoundError",
+    "StoreUnreachableError",
+    "TransientStorageError",
+    "UnsupportedURLError",
+    "clear_caches",
+    "parse_storage_options",
+]

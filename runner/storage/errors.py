@@ -1,0 +1,128 @@
+"""The storage layer's one error table.
+
+Everything that fsspec, s3fs, aiobotocore or botocore can raise is translated
+here, once, into the few exceptions that code above the storage layer handles
+(`StorageError` and its subclasses, all `OSError`s).  Each carries a message
+a user can act on: what failed, for which URL, and what to do.
+
+`is_transient()` is the single place that decides what the retry wrapper may
+try again (throttling, 5xx, dropped or timed-out connections).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from botocore import exceptions as boto_exc
+
+try:  # aiohttp is what s3fs speaks HTTP through; it is optional for fsspec.
+    import aiohttp
+except ImportError:  # pragma: no cover - aiohttp ships with s3fs
+    aiohttp = None
+
+
+class StorageError(OSError):
+    """A storage operation failed; `str()` is one line fit for a user."""
+
+
+class StoreNotFoundError(StorageError, FileNotFoundError):
+    """The bucket (or local folder) itself does not exist."""
+
+
+class ObjectNotFoundError(StorageError, FileNotFoundError):
+    """A key that should exist does not."""
+
+
+class ObjectExistsError(StorageError, FileExistsError):
+    """An exclusive create found the key already written."""
+
+
+class StoreAccessError(StorageError, PermissionError):
+    """Credentials are missing, wrong or lack a permission."""
+
+
+class StoreUnreachableError(StorageError, ConnectionError):
+    """The endpoint could not be reached (network, DNS, wrong endpoint URL)."""
+
+
+class TransientStorageError(StorageError):
+    """A throttle, a 5xx or a dropped connection that outlived its retries."""
+
+
+class UnsupportedURLError(StorageError, ValueError):
+    """The URL names a protocol that no installed fsspec backend serves."""
+
+
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.EREMOTEIO, errno.EAGAIN}
+
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    boto_exc.EndpointConnectionError,
+    boto_exc.ConnectTimeoutError,
+    socket.gaierror,
+    ConnectionRefusedError,
+)
+_DROPPED_ERRORS: tuple[type[BaseException], ...] = (
+    boto_exc.ReadTimeoutError,
+    boto_exc.ConnectionClosedError,
+    boto_exc.HTTPClientError,
+    socket.timeout,
+    TimeoutError,
+    ConnectionResetError,
+)
+if aiohttp is not None:
+    _CONNECTION_ERRORS += (aiohttp.ClientConnectorError,)
+    _DROPPED_ERRORS += (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when trying the same call again may succeed."""
+    if isinstance(exc, StorageError):
+        return isinstance(exc, TransientStorageError)
+    if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError)):
+        return False
+    if isinstance(exc, _DROPPED_ERRORS):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    text = str(exc)
+    return any(s in text for s in ("SlowDown", "Throttl", "RequestTimeout", "InternalError", "503", "500"))
+
+
+def translate(exc: BaseException, url: str, key: str = "") -> StorageError:
+    """Map any backend exception to one of ours, with a message a user can act on."""
+    if isinstance(exc, StorageError):
+        return exc
+    where = f"{url.rstrip('/')}/{key}" if key else url
+    out: StorageError
+    if isinstance(exc, (boto_exc.NoCredentialsError, boto_exc.PartialCredentialsError)):
+        out = StoreAccessError(
+            f"no credentials for {url}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+            "or attach an instance role"
+        )
+    elif isinstance(exc, boto_exc.NoRegionError):
+        out = StorageError(f"no region for {url}: set AWS_REGION")
+    elif isinstance(exc, PermissionError):
+        out = StoreAccessError(f"access denied to {where}: check the credentials and the policy ({_first_line(exc)})")
+    elif isinstance(exc, FileExistsError):
+        out = ObjectExistsError(f"{where} already exists")
+    elif isinstance(exc, FileNotFoundError):
+        if "bucket" in str(exc).lower():
+            out = StoreNotFoundError(f"bucket of {url} does not exist: create it or fix --bucket")
+        else:
+            out = ObjectNotFoundError(f"{where} does not exist")
+    elif isinstance(exc, _CONNECTION_ERRORS):
+        out = StoreUnreachableError(
+            f"cannot reach the store for {url}: check the network and AWS_ENDPOINT_URL ({_first_line(exc)})"
+        )
+    elif is_transient(exc):
+        out = TransientStorageError(f"storage kept failing for {where}: {_first_line(exc)}")
+    else:
+        out = StorageError(f"storage error on {where}: {_first_line(exc)}")
+    out.__cause__ = exc
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,320 @@
+"""`Store`: one bucket URL, the only door to fsspec.
+
+A store is a root (`s3://bucket/prefix`, `file:///path`, a plain path,
+`memory://x`, `oss://…`, `gs://…`) and a handful of whole-object operations on
+keys relative to it.  Code above this layer never sees fsspec or botocore.
+
+Why these operations and not `fs.open(...)`: an exception inside
+`with fs.open(p, "wb")` still commits a short object on close in s3fs.  Every
+write here is whole-object or nothing:
+- S3 (and other async stores): `pipe_file`, which aborts its multipart upload
+  on failure; `mode="create"` sends `If-None-Match: *` for exclusive creates.
+- Local folders: write a temporary sibling, then `os.replace` (data) or
+  `os.link` (exclusive create, fails if the name exists).  fsspec's own local
+  `mode="create"` is check-then-write, which two writers can both pass.
+Every call goes through one retry wrapper (throttling, 5xx, dropped
+connections, with exponential backoff) and one error table (`errors.py`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from runner.storage.errors import (
+    StorageError,
+    StoreNotFoundError,
+    UnsupportedURLError,
+    is_transient,
+    translate,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Objects larger than this are fetched as parallel ranged GETs.
+_PARALLEL_READ_THRESHOLD = 32 * 2**20
+_READ_CHUNK = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object under the store's root."""
+
+    key: str
+    size: int
+    modified: float | None  # epoch seconds, when the backend reports it
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter for transient failures."""
+
+    attempts: int = 5
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_delay, self.base_delay * 2**attempt) * (0.5 + random.random() / 2)
+
+
+def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
+    """`["KEY=VALUE", "client_kwargs.region_name=eu-west-1"]` -> nested dict.
+
+    Values that look like JSON scalars (true, 3, 1.5, null) are converted.
+    Raises ValueError on a pair without `=`.
+    """
+    import json
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"storage option {pair!r} is not KEY=VALUE")
+        key, raw = pair.split("=", 1)
+        try:
+            value: Any = json.loads(raw)
+            if isinstance(value, (dict, list)):
+                value = raw
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    """Bounded timeouts and botocore's standard retry mode, unless the user set them.
+
+    The endpoint, credentials, region and profile come from the standard AWS
+    chain (AWS_ENDPOINT_URL, AWS_PROFILE, ...), which botocore reads itself.
+    """
+    opts = dict(options)
+    config = dict(opts.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", 5)
+    config.setdefault("read_timeout", 60)
+    config.setdefault("retries", {"max_attempts": 3, "mode": "standard"})
+    opts["config_kwargs"] = config
+    if "endpoint_url" not in opts and os.environ.get("AWS_ENDPOINT_URL_S3"):
+        opts["endpoint_url"] = os.environ["AWS_ENDPOINT_URL_S3"]
+    return opts
+
+
+class Store:
+    """Whole-object operations on keys under one root URL.
+
+    Raises (from every method): `StorageError` subclasses only.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None):
+        self.url = url.rstrip("/") or url
+        self.retry = retry or RetryPolicy()
+        options = dict(storage_options or {})
+        protocol = fsspec.utils.get_protocol(url)
+        if protocol in ("s3", "s3a"):
+            options = _s3_defaults(options)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **options)
+        except (ValueError, ImportError) as exc:
+            raise UnsupportedURLError(
+                f"cannot open {url!r}: {exc}. Use s3://, oss://, gs://, file:// or a local path "
+                "(install runner[oss] / runner[gcs] for those stores)"
+            ) from None
+        self.root = root.rstrip("/")
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    # -- paths -------------------------------------------------------------
+
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key.lstrip('/')}" if key else self.root
+
+    def _key(self, path: str) -> str:
+        path = path.rstrip("/")
+        root = self.root.lstrip("/")
+        return path.lstrip("/")[len(root):].lstrip("/")
+
+    # -- the retry wrapper -------------------------------------------------
+
+    def _call(self, fn: Callable[..., T], *args: Any, key: str = "", **kwargs: Any) -> T:
+        for attempt in range(self.retry.attempts):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # translated below; nothing escapes untranslated
+                if attempt + 1 < self.retry.attempts and is_transient(exc):
+                    delay = self.retry.delay(attempt)
+                    log.debug("transient storage error on %s (%s); retrying in %.2fs", key, exc, delay)
+                    time.sleep(delay)
+                    continue
+                raise translate(exc, self.url, key) from exc
+        raise AssertionError("unreachable")  # the loop always returns or raises
+
+    # -- operations --------------------------------------------------------
+
+    def check(self) -> None:
+        """Fail fast with a clear error when the bucket cannot be used.
+
+        A missing local folder is created (a local "bucket" is just a folder);
+        a missing S3 bucket is an error (creating buckets is the operator's call).
+        """
+        if self.is_local:
+            self._call(self.fs.makedirs, self.root, exist_ok=True)
+            return
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self._call(self.fs.ls, bucket, refresh=True)
+        except StorageError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                raise StoreNotFoundError(f"bucket {bucket!r} of {self.url} does not exist: create it or fix --bucket") from None
+            raise
+
+    def read_bytes(self, key: str) -> bytes:
+        """The whole object; large objects are fetched as parallel ranged GETs."""
+        path = self.path(key)
+        if self.is_local:
+            return self._call(self.fs.cat_file, path, key=key)
+        size = self.size(key)
+        if size < _PARALLEL_READ_THRESHOLD or not hasattr(self.fs, "cat_ranges"):
+            return self._call(self.fs.cat_file, path, key=key)
+        starts = list(range(0, size, _READ_CHUNK))
+        ends = [min(s + _READ_CHUNK, size) for s in starts]
+        parts = self._call(self.fs.cat_ranges, [path] * len(starts), starts, ends, key=key)
+        return b"".join(parts)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Publish `data` at `key` whole, or not at all."""
+        path = self.path(key)
+        if self.is_local:
+            self._call(self._local_write, path, data, exclusive=False, key=key)
+        else:
+            self._call(self.fs.pipe_file, path, data, key=key)
+
+    def create_bytes(self, key: str, data: bytes) -> None:
+        """Exclusive create: raises `ObjectExistsError` if `key` already exists."""
+        path = self.path(key)
+        if self.is_local:
+            self._call(self._local_write, path, data, exclusive=True, key=key)
+        else:
+            self._call(self.fs.pipe_file, path, data, mode="create", key=key)
+
+    def _local_write(self, path: str, data: bytes, exclusive: bool) -> None:
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if exclusive:
+                os.link(tmp, path)  # atomic, and fails when the name exists
+            else:
+                os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def size(self, key: str) -> int:
+        info = self._call(self.fs.info, self.path(key), key=key)
+        return int(info["size"])
+
+    def exists(self, key: str) -> bool:
+        return bool(self._call(self.fs.exists, self.path(key), key=key))
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object under `prefix` (recursively), sorted by key; [] when none."""
+        base = self.path(prefix.rstrip("/"))
+        try:
+            found = self._call(self.fs.find, base, detail=True, key=prefix)
+        except StorageError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError) and not isinstance(exc, StoreNotFoundError):
+                return []
+            raise
+        out = []
+        for path, info in found.items():
+            name = os.path.basename(path.rstrip("/"))
+            if info.get("type") == "directory" or name.startswith(".tmp-"):
+                continue
+            out.append(ObjectInfo(self._key(path), int(info.get("size") or 0), _mtime(info)))
+        return sorted(out, key=lambda o: o.key)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        """Delete objects; keys that are already gone are not an error."""
+        paths = [self.path(k) for k in keys]
+        if not paths:
+            return
+        for p in paths:
+            try:
+                self._call(self.fs.rm_file, p, key=self._key(p))
+            except StorageError as exc:
+                if not isinstance(exc.__cause__, FileNotFoundError):
+                    raise
+        if self.is_local:
+            _prune_empty_dirs({os.path.dirname(p) for p in paths}, stop=self.root)
+
+    def abort_stale_uploads(self, prefix: str, older_than_s: float) -> int:
+        """Abort S3 multipart uploads under `prefix` started more than `older_than_s` ago.
+
+        Returns how many were aborted; 0 on stores without multipart uploads.
+        """
+        call = getattr(self.fs, "call_s3", None)
+        if call is None:
+            return 0
+        bucket, _, root_key = self.path(prefix).partition("/")
+        cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than_s)
+        listing = self._call(call, "list_multipart_uploads", Bucket=bucket, Prefix=root_key, key=prefix)
+        aborted = 0
+        for upload in listing.get("Uploads", []):
+            if upload["Initiated"] <= cutoff:
+                self._call(call, "abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
+                           UploadId=upload["UploadId"], key=upload["Key"])
+                aborted += 1
+        return aborted
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    for field in ("LastModified", "mtime", "created"):
+        value = info.get(field)
+        if isinstance(value, dt.datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def _prune_empty_dirs(folders: set[str], stop: str) -> None:
+    """Remove now-empty local folders up to (not including) the store root."""
+    stop = os.path.abspath(stop)
+    for folder in sorted(folders, key=len, reverse=True):
+        folder = os.path.abspath(folder)
+        while folder.startswith(stop + os.sep):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+            folder = os.path.dirname(folder)
+
+
+def clear_caches() -> None:
+    """Forget cached filesystem instances (tests, and after a fork)."""
+    for cls in list(fsspec.registry.values()) if hasattr(fsspec.registry, "values") else []:
+        clear = getattr(cls, "clear_instance_cache", None)
+        if clear:
+            clear()
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+    except ImportError:  # pragma: no cover
+        pass

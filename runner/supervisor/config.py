@@ -1,0 +1,33 @@
+"""`runner start`'s settings: typed, validated once at the edge (the CLI builds it)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from runner.checkpoint import layout
+
+
+class StartConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str = Field(min_length=1)
+    run_id: str = "default"
+    command: list[str] = Field(min_length=1)
+    save_every_steps: int = Field(default=100, ge=1)
+    keep_last: int = Field(default=3, ge=1)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    notice_source: Literal["auto", "ec2", "alibaba", "gcp", "none"] = "auto"
+    grace_seconds: float = Field(default=25.0, gt=0)  # for a bare SIGTERM
+    max_restarts: int = Field(default=3, ge=0)
+    sync_dir: str | None = None
+    imds_endpoint: str | None = None
+    poll_interval_s: float = Field(default=2.0, gt=0, le=5)
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, value: str) -> str:
+        if not layout.valid_run_id(value):
+            raise ValueError("use letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit")
+        return value

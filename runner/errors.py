@@ -5,7 +5,6 @@ Few classes, each subclassing a builtin, so callers can catch them by meaning.
 
 from runner.checkpoint.manifest import ManifestError
 from runner.checkpoint.reader import CorruptSnapshotError
-from runner.checkpoint.state import StateMismatchError, UnsafeDataError
 from runner.storage import (
     ObjectExistsError,
     StorageError,
@@ -14,6 +13,14 @@ from runner.storage import (
     StoreUnreachableError,
     UnsupportedURLError,
 )
+
+
+class UnsafeDataError(ValueError):
+    """A data file holds something other than tensors and plain containers."""
+
+
+class StateMismatchError(ValueError):
+    """A saved model does not fit the registered one (structure changed)."""
 
 
 class ConfigError(ValueError):

@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from runner.errors import StateMismatchError, UnsafeDataError
+
 RNG_COMPONENT = "_rng"
 
 
@@ -30,14 +32,6 @@ class Stateful(Protocol):
     def state_dict(self) -> Any: ...
 
     def load_state_dict(self, state: Any) -> Any: ...
-
-
-class UnsafeDataError(ValueError):
-    """A data file holds something other than tensors and plain containers."""
-
-
-class StateMismatchError(ValueError):
-    """A saved model does not fit the registered one (structure changed)."""
 
 
 @dataclass

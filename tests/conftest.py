@@ -7,6 +7,7 @@ instance cache, as s3fs's own test suite does.
 
 from __future__ import annotations
 
+import logging
 import os
 import urllib.request
 import uuid
@@ -29,6 +30,8 @@ S3_ENV = {
 def moto_endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
+    # The server logs every request to stderr; tests that read stderr need quiet.
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -11,14 +11,17 @@ flight: the training loop pays for the host copy only.
 
 Fault points: `RUNNER_FAULT_KILL_AT=<phase>` makes the process SIGKILL itself
 at that phase of the next save (`before-data`, `mid-data`, `before-manifest`,
-`after-manifest`).  `runner drill` and the kill-9 tests use it to kill at an
-exact phase; it is read once per save, so it costs nothing otherwise.
+`after-manifest`); `<phase>:<n>` only in the n-th save of the process (1 is
+the first), so that a run can commit snapshots before it dies.  `runner drill`
+and the kill-9 tests use it to kill at an exact phase; it is read once per
+phase, so it costs nothing otherwise.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import os
 import platform
 import signal
@@ -56,6 +59,14 @@ class PendingSnapshot:
 
 
 @dataclass(frozen=True)
+class RawFile:
+    """Already-serialized bytes for one component, written as `path` unchanged (used by `runner fork`)."""
+
+    path: str
+    data: bytes
+
+
+@dataclass(frozen=True)
 class CommitResult:
     manifest: Manifest
     capture_seconds: float  # the training stall for the host copy
@@ -68,8 +79,12 @@ def versions() -> dict[str, str]:
     return {"runner": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
-def _fault(phase: str) -> None:
-    if os.environ.get(FAULT_ENV) == phase:
+_saves = itertools.count(1)  # saves started by this process, for `<phase>:<n>`
+
+
+def _fault(phase: str, save_number: int) -> None:
+    want, _, nth = os.environ.get(FAULT_ENV, "").partition(":")
+    if want == phase and nth in ("", str(save_number)):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -77,20 +92,29 @@ def component_file(name: str) -> str:
     return f"{name}.pt"
 
 
+def _file_of(name: str, payload: Any) -> tuple[str, bytes]:
+    """(file name, bytes) for one component: raw bytes keep their name, state is serialized."""
+    if isinstance(payload, RawFile):
+        return payload.path, payload.data
+    if isinstance(payload, bytes):
+        return name, payload
+    return component_file(name), state.serialize(payload)
+
+
 def write_snapshot(store: Store, run_id: str, pending: PendingSnapshot) -> CommitResult:
     """Write one snapshot and commit it. Raises StorageError; nothing partial is ever visible."""
     started = time.perf_counter()
     sid = layout.new_snapshot_id(pending.step)
+    save_number = next(_saves)
     files: list[FileEntry] = []
-    _fault("before-data")
+    _fault("before-data", save_number)
     for index, (name, payload) in enumerate(sorted(pending.components.items())):
         if index == 1:
-            _fault("mid-data")
-        data = payload if isinstance(payload, bytes) else state.serialize(payload)
-        path = component_file(name) if not isinstance(payload, bytes) else name
+            _fault("mid-data", save_number)
+        path, data = _file_of(name, payload)
         store.write_bytes(layout.data_key(run_id, sid, path), data)
         files.append(FileEntry(path=path, size=len(data), sha256=hashlib.sha256(data).hexdigest(), component=name))
-    _fault("before-manifest")
+    _fault("before-manifest", save_number)
     manifest = Manifest(
         run_id=run_id,
         snapshot_id=sid,
@@ -107,7 +131,7 @@ def write_snapshot(store: Store, run_id: str, pending: PendingSnapshot) -> Commi
         extra=pending.extra,
     ).sealed()
     store.create_bytes(layout.manifest_key(run_id, sid), manifest.to_bytes())
-    _fault("after-manifest")
+    _fault("after-manifest", save_number)
     return CommitResult(manifest, pending.capture_seconds, time.perf_counter() - started)
 
 

@@ -1,0 +1,326 @@
+"""The `runner` command line: parse -> config -> wire up; no logic (DESIGN.md 3.1).
+
+Owns the argument parser, the `RUNNER_<FLAG>` environment defaults, and the
+one place that turns exceptions into exit codes and one-line messages.  What
+the commands do lives in `operations.py`; how results look in `terminal.py`;
+`start` hands a `StartConfig` to the supervisor, `imds-sim` its argv to the
+simulator (both imported only when used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from runner import operations as ops
+from runner import terminal
+from runner.checkpoint.manifest import ManifestError
+from runner.checkpoint.reader import CorruptSnapshotError
+from runner.checkpoint.retention import DEFAULT_ORPHAN_AGE_S
+from runner.checkpoint.settings import CheckpointSettings
+from runner.errors import ConfigError, SnapshotNotFoundError, StateMismatchError, UnsafeDataError
+from runner.storage import StorageError, UnsupportedURLError, parse_storage_options
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES = """\
+exit codes:
+  0  success
+  1  failure: the store failed or refused (missing bucket, unreachable endpoint,
+     missing or wrong credentials), a snapshot or run is not there, verify
+     found corruption, or an operation would be unsafe
+  2  bad usage or configuration: unknown flag, malformed value, invalid run or
+     snapshot id, bad --storage-option, unknown URL scheme (or its fsspec
+     backend is not installed)
+  runner start: 75 preempted after an emergency checkpoint (resume elsewhere)
+
+Every flag also reads its default from RUNNER_<FLAG> (RUNNER_BUCKET,
+RUNNER_RUN_ID, RUNNER_KEEP_LAST, ...); RUNNER_STORAGE_OPTION holds KEY=VALUE
+pairs separated by spaces or commas, and --storage-option adds to them."""
+
+# Exceptions a user can cause, by exit code; anything else is a bug and keeps its traceback.
+USAGE_ERRORS = (ConfigError, UnsupportedURLError, ValidationError)
+FAILURES = (StorageError, SnapshotNotFoundError, ops.RefusedError, ManifestError, CorruptSnapshotError,
+            StateMismatchError, UnsafeDataError)
+
+
+class _Unavailable(RuntimeError):
+    """A part of runner that this installation lacks."""
+
+
+# -- environment defaults -----------------------------------------------------
+
+
+def env_name(flag: str) -> str:
+    """`keep_last` -> `RUNNER_KEEP_LAST`."""
+    return f"RUNNER_{flag.upper()}"
+
+
+def add_flag(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
+    """`add_argument` whose default comes from RUNNER_<FLAG> when that is set."""
+    name = env_name(flags[0].lstrip("-").replace("-", "_"))
+    raw = os.environ.get(name, "").strip()
+    if raw:
+        kwargs["default"] = _from_env(name, raw, kwargs.get("action"))
+        kwargs.pop("required", None)
+    kwargs["help"] = f"{kwargs.get('help', '')} [env {name}]".strip()
+    parser.add_argument(*flags, **kwargs)
+
+
+def _from_env(name: str, raw: str, action: str | None) -> Any:
+    if action == "store_true":
+        if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ConfigError(f"{name}={raw!r} is not a boolean: use 1/true/yes or 0/false/no")
+        return raw.lower() in ("1", "true", "yes", "on")
+    if action == "append":
+        return [p for p in re.split(r"[\s,]+", raw) if p]
+    return raw  # argparse converts string defaults with the flag's type
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        return parse_storage_options(args.storage_option or [])
+    except ValueError as exc:
+        raise ConfigError(f"bad --storage-option: {exc} (e.g. --storage-option endpoint_url=http://host:9000)") from None
+
+
+# -- the parser -----------------------------------------------------------------
+
+
+def _common(json_flag: bool = True) -> argparse.ArgumentParser:
+    """The flags every bucket command takes."""
+    parent = argparse.ArgumentParser(add_help=False)
+    add_flag(parent, "--bucket", required=True, metavar="URL",
+             help="where runs live: s3://bucket/prefix, oss://..., gs://..., file:///path or a local path")
+    add_flag(parent, "--storage-option", action="append", metavar="KEY=VALUE",
+             help="an fsspec option, repeatable (e.g. endpoint_url=http://minio:9000)")
+    add_flag(parent, "--quiet", "-q", action="store_true", help="log warnings and errors only")
+    if json_flag:
+        add_flag(parent, "--json", action="store_true", help="print JSON for scripts (stable field names)")
+    return parent
+
+
+def _command(sub: Any, name: str, summary: str, example: str, handler: Callable[[argparse.Namespace], int],
+             parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=summary, description=summary, parents=parents,
+                            epilog=f"example:\n  {example}\n\n{EXIT_CODES}",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Raises ConfigError when a RUNNER_* variable holds a malformed boolean."""
+    parser = argparse.ArgumentParser(
+        prog="runner", description="Spot-instance-aware training runner for PyTorch.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_start(sub)
+    _add_ls(sub)
+    _add_verify(sub)
+    _add_gc(sub)
+    _add_pin(sub)
+    _add_fork(sub)
+    sub.add_parser("imds-sim", help="serve a local EC2 metadata service that simulates spot notices",
+                   description="Serve a local EC2 IMDSv2 (see `runner imds-sim --help`).", add_help=False)
+    return parser
+
+
+def _add_ls(sub: Any) -> None:
+    p = _command(sub, "ls", "List the runs in a bucket, or the snapshots of one run.",
+                 "runner ls --bucket s3://my-bucket/runs --run-id exp1", _ls, [_common()])
+    add_flag(p, "--run-id", metavar="ID", help="list this run's snapshots (default: list the runs)")
+
+
+def _add_verify(sub: Any) -> None:
+    p = _command(sub, "verify", "Read every byte of a run's snapshots and check their SHA-256.",
+                 "runner verify --bucket s3://my-bucket/runs --run-id exp1 --snapshot latest", _verify, [_common()])
+    add_flag(p, "--run-id", default="default", metavar="ID", help="the run (default: %(default)s)")
+    add_flag(p, "--snapshot", metavar="ID", help="a snapshot id or 'latest' (default: every snapshot)")
+
+
+def _add_gc(sub: Any) -> None:
+    p = _command(sub, "gc", "Delete old snapshots, orphaned data and stale uploads; keeps the newest valid and pinned.",
+                 "runner gc --bucket s3://my-bucket/runs --run-id exp1 --keep-last 3 --dry-run", _gc, [_common()])
+    add_flag(p, "--run-id", default="default", metavar="ID", help="the run (default: %(default)s)")
+    add_flag(p, "--keep-last", type=int, default=CheckpointSettings.model_fields["keep_last"].default, metavar="K",
+             help="valid snapshots to keep (default: %(default)s)")
+    add_flag(p, "--orphan-age", type=float, default=DEFAULT_ORPHAN_AGE_S, metavar="SECONDS",
+             help="delete data without a manifest, and multipart uploads, older than this (default: %(default)s)")
+    add_flag(p, "--dry-run", action="store_true", help="show what would be deleted; delete nothing")
+
+
+def _add_pin(sub: Any) -> None:
+    p = _command(sub, "pin", "Keep a snapshot out of rotation (or let it rotate again with --unpin).",
+                 "runner pin --bucket s3://my-bucket/runs --run-id exp1 latest", _pin, [_common()])
+    add_flag(p, "--run-id", default="default", metavar="ID", help="the run (default: %(default)s)")
+    add_flag(p, "--unpin", action="store_true", help="remove the pin instead")
+    p.add_argument("snapshot", metavar="SNAPSHOT", help="a snapshot id or 'latest'")
+
+
+def _add_fork(sub: Any) -> None:
+    p = _command(sub, "fork", "Copy a verified snapshot into a new run, which resumes from it.",
+                 "runner fork --bucket s3://my-bucket/runs --from exp1@latest --to exp1-lowlr", _fork, [_common()])
+    add_flag(p, "--from", dest="source", required=True, metavar="RUN[@SNAPSHOT]",
+             help="the run, and optionally the snapshot id or 'latest' (default: newest valid)")
+    add_flag(p, "--to", dest="to", required=True, metavar="NEW_RUN", help="a run id with no snapshots yet")
+
+
+def _add_start(sub: Any) -> None:
+    from runner.supervisor.config import StartConfig
+
+    def default(name: str) -> str:
+        return f"(default: {StartConfig.model_fields[name].default})"
+
+    p = _command(sub, "start", "Run a training command under the supervisor: resume, emergency saves, restarts.",
+                 "runner start --bucket s3://my-bucket/runs --run-id exp1 -- python train.py --lr 3e-4",
+                 _start, [_common(json_flag=False)])
+    add_flag(p, "--run-id", metavar="ID", help=default("run_id"))
+    add_flag(p, "--save-every-steps", type=int, metavar="N", help=f"periodic save interval {default('save_every_steps')}")
+    add_flag(p, "--keep-last", type=int, metavar="K", help=f"valid snapshots to keep {default('keep_last')}")
+    add_flag(p, "--notice-source", metavar="auto|ec2|alibaba|gcp|none", help=default("notice_source"))
+    add_flag(p, "--grace-seconds", type=float, metavar="S",
+             help=f"time to save after a bare SIGTERM {default('grace_seconds')}")
+    add_flag(p, "--max-restarts", type=int, metavar="R", help=f"restarts of a crashed child {default('max_restarts')}")
+    add_flag(p, "--sync-dir", metavar="DIR", help="sync this folder as snapshots (for scripts that save on their own)")
+    add_flag(p, "--imds-endpoint", metavar="URL", help="the EC2 metadata endpoint (default: the real one)")
+    p.add_argument("train_command", nargs="*", metavar="COMMAND", help="the training command and its arguments, after --")
+
+
+# -- handlers: build the config, call operations, render ------------------------------
+
+
+def _progress(args: argparse.Namespace) -> terminal.ByteProgress:
+    return terminal.ByteProgress(enabled=not args.json)
+
+
+def _ls(args: argparse.Namespace) -> int:
+    store = ops.open_store(args.bucket, _storage_options(args))
+    if args.run_id is None:
+        terminal.runs(store.url, ops.list_runs(store), args.json)
+    else:
+        terminal.snapshots(args.run_id, ops.snapshot_rows(ops.open_run(store, args.run_id)), args.json)
+    return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    reader = ops.open_run(ops.open_store(args.bucket, _storage_options(args)), args.run_id)
+    selected = ops.select_snapshots(reader, args.snapshot)
+    with _progress(args) as progress:
+        results = ops.verify(reader, selected, progress)
+    terminal.verified(reader.run_id, results, args.json)
+    bad = [r for r in results if not r.valid]
+    if bad:
+        terminal.error(f"{len(bad)} of {len(results)} snapshot(s) of run {reader.run_id} are corrupt; "
+                       f"first: {bad[0].snapshot_id}: {'; '.join(bad[0].problems)}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _gc(args: argparse.Namespace) -> int:
+    reader = ops.open_run(ops.open_store(args.bucket, _storage_options(args)), args.run_id)
+    with _progress(args) as progress:
+        report = ops.gc(reader, args.keep_last, args.orphan_age, args.dry_run, progress)
+    terminal.gc_report(report, args.json)
+    return EXIT_OK
+
+
+def _pin(args: argparse.Namespace) -> int:
+    reader = ops.open_run(ops.open_store(args.bucket, _storage_options(args)), args.run_id)
+    result = ops.unpin(reader, args.snapshot) if args.unpin else ops.pin(reader, args.snapshot)
+    terminal.pin_result(result, args.json)
+    return EXIT_OK
+
+
+def _fork(args: argparse.Namespace) -> int:
+    source_run, source_snapshot = ops.parse_source(args.source)
+    ops.check_run_id(args.to)
+    store = ops.open_store(args.bucket, _storage_options(args))
+    with _progress(args) as progress:
+        manifest = ops.fork(store, source_run, source_snapshot, args.to, progress)
+    terminal.forked(manifest, args.json)
+    return EXIT_OK
+
+
+def _start(args: argparse.Namespace) -> int:
+    from runner.supervisor.config import StartConfig
+
+    if not args.train_command:
+        raise ConfigError("no training command: put it after --, e.g. runner start --bucket s3://b/runs -- python train.py")
+    values = {name: getattr(args, name) for name in (
+        "run_id", "save_every_steps", "keep_last", "notice_source", "grace_seconds", "max_restarts",
+        "sync_dir", "imds_endpoint")}
+    config = StartConfig(bucket=args.bucket, command=list(args.train_command), storage_options=_storage_options(args),
+                         **{k: v for k, v in values.items() if v is not None})
+    supervise = _load("runner.supervisor.run", "supervise", "the supervisor")
+    return int(supervise(config))
+
+
+def _imds_sim(argv: list[str]) -> int:
+    return int(_load("runner.notices.imds_sim", "main", "the IMDS simulator")(argv))
+
+
+def _load(module: str, name: str, what: str) -> Any:
+    """`module.name`, imported only now; raises _Unavailable when this installation lacks it."""
+    try:
+        loaded = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        loaded = None
+    found = getattr(loaded, name, None)
+    if found is None:
+        raise _Unavailable(f"{what} is not available in this installation ({module}.{name} is missing); reinstall runner")
+    return found
+
+
+# -- the entry point -------------------------------------------------------------
+
+
+_FLAG_OF = {"": "settings", "command": "COMMAND", "storage_options": "--storage-option"}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        flag = _FLAG_OF.get(field, f"--{field.replace('_', '-')}")
+        return f"invalid {flag}: {first['msg']}"
+    return str(exc) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (see EXIT_CODES)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["imds-sim"]:
+            return _imds_sim(argv[1:])
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exit_:  # argparse: --help (0) or a usage error (2), already printed
+            return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+        quiet = args.quiet or getattr(args, "json", False)
+        with terminal.logging_to_stderr(logging.WARNING if quiet else logging.INFO):
+            return args.handler(args)
+    except USAGE_ERRORS as exc:
+        terminal.error(_describe(exc))
+        return EXIT_USAGE
+    except (*FAILURES, _Unavailable) as exc:
+        terminal.error(_describe(exc))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        terminal.error("interrupted")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

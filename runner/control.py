@@ -18,6 +18,10 @@ Requests reach the child two ways, so that either alone suffices:
 The child answers with `<control dir>/ack-<id>.json` ({"id", "snapshot_id",
 "step"}), written atomically after the snapshot is committed.  Requests made
 by signal are answered under the id "signal".
+
+The child also reports the step it reached in `<control dir>/progress.json`
+({"step", "time"}), at most every 0.2 s, so that the supervisor can
+say how much work a preemption without an emergency snapshot loses.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ SAVE = "save"  # save now, keep training (rebalance recommendation)
 SIGNAL_REQUEST_ID = "signal"
 
 _REQUEST_FILE = "request.json"
+_PROGRESS_FILE = "progress.json"
+_PROGRESS_EVERY_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,7 @@ class ChildChannel:
         self.dir = Path(control_dir) if control_dir else None
         self.poll_interval_s = poll_interval_s
         self._last_poll = 0.0
+        self._last_progress = 0.0
         self._answered: set[str] = set()
 
     def poll(self) -> Request | None:
@@ -122,6 +129,19 @@ class ChildChannel:
             _stop.set()
         return request
 
+    def progress(self, step: int) -> None:
+        """Report the step reached; cheap enough to call every step (writes at most every 0.2 s)."""
+        if self.dir is None:
+            return
+        now = time.monotonic()
+        if now - self._last_progress < _PROGRESS_EVERY_S:
+            return
+        self._last_progress = now
+        try:
+            _write_atomic(self.dir / _PROGRESS_FILE, {"step": step, "time": time.time()})
+        except OSError:
+            pass
+
     def ack(self, request: Request, snapshot_id: str, step: int) -> None:
         self._answered.add(request.id)
         if self.dir is not None:
@@ -147,8 +167,17 @@ class SupervisorChannel:
 
     def request(self, action: str) -> str:
         request_id = uuid.uuid4().hex[:12]
+        # An earlier answer to a signal must not pass for the answer to this request.
+        (self.dir / f"ack-{SIGNAL_REQUEST_ID}.json").unlink(missing_ok=True)
         _write_atomic(self.dir / _REQUEST_FILE, {"id": request_id, "action": action})
         return request_id
+
+    def progress(self) -> int | None:
+        """The step the child last reported, or None."""
+        try:
+            return int(json.loads((self.dir / _PROGRESS_FILE).read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def ack(self, request_id: str) -> dict | None:
         for rid in (request_id, SIGNAL_REQUEST_ID):

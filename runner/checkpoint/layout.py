@@ -5,9 +5,11 @@
     <run>/data/<snapshot id>/<file>        the snapshot's data, immutable
     <run>/pins/<snapshot id>               an empty marker: keep this snapshot
 
-A snapshot id is `<step, 12 digits>-<UTC time>-<random>`: fresh for every
-attempt (two writers never share a prefix), and sorting ids sorts snapshots
-by step, then by time.
+A snapshot id is `<step, 12 digits>-<UTC time to the microsecond>-<random>`:
+fresh for every attempt (two writers never share a prefix), and sorting ids
+sorts snapshots by step, then by time, so that a final save made right after
+a periodic one at the same step sorts after it.  (Ids from before the
+microseconds were added, `...T<HHMMSS>-...`, are still read.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ DATA = "data"
 PINS = "pins"
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SNAPSHOT_ID = re.compile(r"^\d{12}-\d{8}T\d{6}-[0-9a-f]{6}$")
+_SNAPSHOT_ID = re.compile(r"^\d{12}-\d{8}T\d{6}(\d{6})?-[0-9a-f]{6}$")
 
 
 def valid_run_id(run_id: str) -> bool:
@@ -34,7 +36,7 @@ def valid_snapshot_id(snapshot_id: str) -> bool:
 
 def new_snapshot_id(step: int, now: dt.datetime | None = None) -> str:
     now = now or dt.datetime.now(dt.timezone.utc)
-    return f"{step:012d}-{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+    return f"{step:012d}-{now:%Y%m%dT%H%M%S%f}-{secrets.token_hex(3)}"
 
 
 def step_of(snapshot_id: str) -> int:

@@ -24,6 +24,10 @@ class StartConfig(BaseModel):
     sync_dir: str | None = None
     imds_endpoint: str | None = None
     poll_interval_s: float = Field(default=2.0, gt=0, le=5)
+    # First restart delay; it doubles for each further crash without progress (capped at 60 s).
+    restart_backoff_s: float = Field(default=1.0, ge=0)
+    # Consecutive crashes without a snapshot past the resume step that count as a crash loop.
+    crash_loop_limit: int = Field(default=3, ge=1)
 
     @field_validator("run_id")
     @classmethod

@@ -94,3 +94,31 @@ def test_garbled_record_does_not_block_the_run_forever(store):
     b = lease.Lease(store, "run", holder="b")
     assert b.try_acquire() is None
     assert b.generation == 2
+
+
+def test_a_fenced_training_process_commits_nothing(tmp_path, monkeypatch):
+    """A Checkpointer whose lease generation is stale refuses to commit and asks to stop."""
+    import torch
+
+    import runner
+
+    bucket = str(tmp_path / "bucket")
+    store = Store(bucket)
+    store.check()
+    old = lease.Lease(store, "run", holder="old")
+    old.try_acquire()
+    monkeypatch.setenv(lease.ENV_LEASE_GENERATION, str(old.generation))
+    model = torch.nn.Linear(2, 2)
+    ckpt = runner.Checkpointer(bucket, run_id="run", save_every_steps=1, async_save=False, model=model)
+    assert ckpt.step(1) is False  # still the holder: commits
+    assert len(ckpt.reader.snapshot_ids()) == 1
+
+    new = lease.Lease(store, "run", holder="new")
+    store.write_bytes(lease.lease_key("run", 1), b'{"generation": 1, "holder": "old", "acquired_at": 0, "expires_at": 0}')
+    assert new.try_acquire() is None and new.generation == 2
+    assert ckpt.step(2) is True  # fenced: stop, commit nothing
+    assert len(ckpt.reader.snapshot_ids()) == 1
+    with pytest.raises(lease.LeaseLostError):
+        ckpt.save(3)
+    assert len(ckpt.reader.snapshot_ids()) == 1
+    ckpt.close()

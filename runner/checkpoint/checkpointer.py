@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
 import torch
 
-from runner import control
+from runner import control, lease
 from runner.checkpoint import layout, retention, state
 from runner.checkpoint.manifest import Manifest, Reason
 from runner.checkpoint.reader import CorruptSnapshotError, RunReader
 from runner.checkpoint.settings import CheckpointSettings
 from runner.checkpoint.writer import BackgroundWriter, CommitResult, PendingSnapshot, write_snapshot
-from runner.errors import ConfigError, SnapshotNotFoundError
+from runner.errors import ConfigError, SnapshotNotFoundError, StateMismatchError
 from runner.storage import StorageError, Store
 
 log = logging.getLogger("runner.checkpoint")
@@ -90,7 +91,8 @@ class Checkpointer:
 
         Returns 0 on a fresh run.  Corrupt or unsafe snapshots are skipped with
         a warning.  Raises StateMismatchError when a module's structure changed
-        (and strict), SnapshotNotFoundError for a named snapshot that is unusable.
+        (and strict), SnapshotNotFoundError for a named snapshot that is unusable,
+        StorageError when the store fails (after retries) while reading.
         """
         target = snapshot or self.settings.resume
         if target == "none":
@@ -98,7 +100,9 @@ class Checkpointer:
         for manifest in self._candidates(target, named=snapshot is not None):
             try:
                 states = self._read_states(manifest)
-            except (CorruptSnapshotError, state.UnsafeDataError, StorageError) as exc:
+            except (CorruptSnapshotError, state.UnsafeDataError) as exc:
+                # Not StorageError: a store that keeps failing says nothing about this snapshot,
+                # and falling back (to step 0 at the end) would silently discard the run.
                 if snapshot is not None:
                     raise SnapshotNotFoundError(f"snapshot {manifest.snapshot_id} is unusable: {exc}") from None
                 log.warning("snapshot %s (step %d) is unusable (%s); trying the previous one",
@@ -131,8 +135,12 @@ class Checkpointer:
                 if name == state.RNG_COMPONENT or not self.settings.strict:
                     log.warning("snapshot %s has no component %r; it keeps its current state", manifest.snapshot_id, name)
                     continue
-                raise CorruptSnapshotError(f"it has no component {name!r} (saved: {', '.join(f.component for f in manifest.files)})")
+                saved = ", ".join(f.component for f in manifest.files if f.component != state.RNG_COMPONENT)
+                raise StateMismatchError(
+                    f"snapshot {manifest.snapshot_id} has no component {name!r} (it has: {saved}); "
+                    "pass strict=False to start that component from its initialization")
             states[name] = state.deserialize(self.reader.read_file(manifest, entry), self.map_location)
+            state.check_kind(name, self.components.get(name), states[name])
         return states
 
     def _apply(self, manifest: Manifest, states: dict[str, Any]) -> None:
@@ -158,7 +166,17 @@ class Checkpointer:
 
         A periodic save that fails is logged and retried at the next interval;
         training goes on.  An emergency save that fails raises StorageError.
+        When another instance has taken the run over (a newer lease), nothing
+        more is committed and True is returned.
         """
+        try:
+            return self._step(step, epoch, metrics)
+        except lease.LeaseLostError as exc:
+            log.error("%s; stopping", exc)
+            return True
+
+    def _step(self, step: int, epoch: int | None, metrics: dict[str, float] | None) -> bool:
+        self.channel.progress(step)
         request = self.channel.poll()
         if request is not None:
             reason = Reason.EMERGENCY if request.action == control.STOP else Reason.MANUAL
@@ -170,8 +188,10 @@ class Checkpointer:
         return False
 
     def _due(self, step: int) -> bool:
-        last = self._last_saved_step or 0
-        return step - last >= self.settings.save_every_steps
+        # Periodic saves land on multiples of the interval, whatever emergency
+        # saves or resumes happened in between, so a run's snapshots line up.
+        every = self.settings.save_every_steps
+        return step // every > (self._last_saved_step or 0) // every
 
     def _save_async(self, step: int, epoch: int | None, metrics: dict[str, float] | None) -> None:
         try:
@@ -220,16 +240,25 @@ class Checkpointer:
 
     def _commit(self, pending: PendingSnapshot) -> CommitResult:
         """Write, then apply retention (only after this commit succeeded)."""
-        result = write_snapshot(self.store, self.run_id, pending)
+        result = write_snapshot(self.store, self.run_id, pending, fence=self._fence)
         self.last_snapshot = result.manifest
         self.last_commit = result
         log.info("run %s: committed snapshot %s (step %d, %s) in %.2fs", self.run_id, result.manifest.snapshot_id,
                  pending.step, pending.reason.value, result.write_seconds)
         try:
-            retention.apply(self.reader, retention.plan(self.reader, self.policy))
+            retention.apply(self.reader, retention.plan(self.reader, self.policy,
+                                                        protect={result.manifest.snapshot_id}))
         except StorageError as exc:
             log.warning("retention skipped: %s", exc)
         return result
+
+    def _fence(self) -> None:
+        """Refuse to commit once another instance holds a newer lease on the run (see runner.lease)."""
+        generation = os.environ.get(lease.ENV_LEASE_GENERATION)
+        if generation and not lease.is_current(self.store, self.run_id, int(generation)):
+            raise lease.LeaseLostError(
+                f"run {self.run_id}: another instance took over (lease generation {generation} is stale); "
+                "not committing")
 
     def wait(self) -> CommitResult | None:
         """Block until the periodic save in flight (if any) is committed."""

@@ -129,6 +129,23 @@ def deserialize(data: bytes, map_location: Any = "cpu") -> Any:
         raise UnsafeDataError(f"cannot read it as a tensor file ({_first_line(exc)})") from None
 
 
+def check_kind(name: str, obj: Any, state: Any) -> None:
+    """Raise UnsafeDataError when a loaded state cannot be what `obj` (or the RNG capture) saved.
+
+    A file whose checksum matches may still be foreign or forged (whoever
+    writes the bucket writes the manifest too); this catches it before any
+    component is touched, for the kinds whose shape we know.
+    """
+    if name == RNG_COMPONENT:
+        ok = isinstance(state, Mapping) and {"python", "numpy", "torch"} <= set(state)
+    elif isinstance(obj, torch.nn.Module):  # values may be any `get_extra_state()` object, keys are names
+        ok = isinstance(state, Mapping) and all(isinstance(k, str) for k in state)
+    else:
+        return
+    if not ok:
+        raise UnsafeDataError(f"it does not hold a {'RNG' if name == RNG_COMPONENT else 'module'} state for {name!r}")
+
+
 def load_into(name: str, obj: Stateful, state: Any, strict: bool) -> LoadReport:
     """Load `state` into `obj`. Modules get a precise structure check first.
 

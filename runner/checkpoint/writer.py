@@ -101,8 +101,14 @@ def _file_of(name: str, payload: Any) -> tuple[str, bytes]:
     return component_file(name), state.serialize(payload)
 
 
-def write_snapshot(store: Store, run_id: str, pending: PendingSnapshot) -> CommitResult:
-    """Write one snapshot and commit it. Raises StorageError; nothing partial is ever visible."""
+def write_snapshot(store: Store, run_id: str, pending: PendingSnapshot,
+                   fence: Callable[[], None] | None = None) -> CommitResult:
+    """Write one snapshot and commit it; nothing partial is ever visible.
+
+    `fence`, when given, is called after the data and before the manifest: it
+    raises (lease.LeaseLostError) when this writer may no longer commit.
+    Raises StorageError.
+    """
     started = time.perf_counter()
     sid = layout.new_snapshot_id(pending.step)
     save_number = next(_saves)
@@ -115,6 +121,8 @@ def write_snapshot(store: Store, run_id: str, pending: PendingSnapshot) -> Commi
         store.write_bytes(layout.data_key(run_id, sid, path), data)
         files.append(FileEntry(path=path, size=len(data), sha256=hashlib.sha256(data).hexdigest(), component=name))
     _fault("before-manifest", save_number)
+    if fence is not None:
+        fence()
     manifest = Manifest(
         run_id=run_id,
         snapshot_id=sid,

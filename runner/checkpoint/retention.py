@@ -48,11 +48,17 @@ class GcPlan:
 
 
 def plan(reader: RunReader, policy: KeepLastN, orphan_age_s: float = DEFAULT_ORPHAN_AGE_S,
-         now: float | None = None) -> GcPlan:
+         now: float | None = None, protect: frozenset[str] | set[str] = frozenset()) -> GcPlan:
+    """What to delete. `protect`: snapshot ids kept whatever the policy says.
+
+    A writer protects the snapshot it has just committed: it may not sort
+    newest (a rolled-back run below newer-step snapshots, or a newer snapshot
+    whose data is corrupt but of the right size), yet it is the one to resume.
+    """
     now = time.time() if now is None else now
     statuses = list(reader.statuses())
     valid = [s.manifest for s in statuses if s.valid]
-    doomed = policy.to_delete(valid, reader.pinned())  # type: ignore[arg-type]
+    doomed = policy.to_delete(valid, reader.pinned() | set(protect))  # type: ignore[arg-type]
     with_manifest = {s.snapshot_id for s in statuses}
     newest_mtime: dict[str, float] = {}
     for obj in reader.store.list(layout.data_prefix(reader.run_id)):

@@ -12,7 +12,9 @@ try again (throttling, 5xx, dropped or timed-out connections).
 from __future__ import annotations
 
 import errno
+import re
 import socket
+from collections.abc import Iterator
 
 from botocore import exceptions as boto_exc
 
@@ -55,6 +57,9 @@ class UnsupportedURLError(StorageError, ValueError):
 
 
 _TRANSIENT_ERRNOS = {errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.EREMOTEIO, errno.EAGAIN}
+_TRANSIENT_STATUS = {500, 502, 503, 504}
+# Throttling and server-side error codes, or a 5xx status as a word (not inside a port like ":45003").
+_TRANSIENT_TEXT = re.compile(r"SlowDown|Throttl|RequestTimeout|InternalError|ServiceUnavailable|\b50[0234]\b")
 
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     boto_exc.EndpointConnectionError,
@@ -85,8 +90,14 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
-    text = str(exc)
-    return any(s in text for s in ("SlowDown", "Throttl", "RequestTimeout", "InternalError", "503", "500"))
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return False  # its text holds the endpoint URL, whose port may look like a status
+    for e in _chain(exc):  # s3fs puts the botocore ClientError (with the status) in __cause__
+        if _response(e).get("ResponseMetadata", {}).get("HTTPStatusCode") in _TRANSIENT_STATUS:
+            return True
+        if _TRANSIENT_TEXT.search(str(e)):
+            return True
+    return False
 
 
 def translate(exc: BaseException, url: str, key: str = "") -> StorageError:
@@ -107,7 +118,7 @@ def translate(exc: BaseException, url: str, key: str = "") -> StorageError:
     elif isinstance(exc, FileExistsError):
         out = ObjectExistsError(f"{where} already exists")
     elif isinstance(exc, FileNotFoundError):
-        if "bucket" in str(exc).lower():
+        if _missing_bucket(exc):
             out = StoreNotFoundError(f"bucket of {url} does not exist: create it or fix --bucket")
         else:
             out = ObjectNotFoundError(f"{where} does not exist")
@@ -121,6 +132,33 @@ def translate(exc: BaseException, url: str, key: str = "") -> StorageError:
         out = StorageError(f"storage error on {where}: {_first_line(exc)}")
     out.__cause__ = exc
     return out
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__
+
+
+def _response(exc: BaseException) -> dict:
+    response = getattr(exc, "response", None)
+    return response if isinstance(response, dict) else {}
+
+
+def _missing_bucket(exc: BaseException) -> bool:
+    """The bucket itself is gone (NoSuchBucket), not just a key in it.
+
+    The key's own message may well contain "bucket" (in the bucket's name).
+    """
+    for e in _chain(exc):
+        if _response(e).get("Error", {}).get("Code") == "NoSuchBucket":
+            return True
+        text = str(e)
+        if "NoSuchBucket" in text or "specified bucket does not exist" in text.lower():
+            return True
+    return False
 
 
 def _first_line(exc: BaseException) -> str:

@@ -98,14 +98,17 @@ def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
 def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
     """Bounded timeouts and botocore's standard retry mode, unless the user set them.
 
+    An endpoint that drops connections (wrong AWS_ENDPOINT_URL, a firewall)
+    fails after 3 attempts x 3 s plus backoff, about 10 s; throttles and 5xx
+    get botocore's 3 attempts, each retried again by `Store._call`.
     The endpoint, credentials, region and profile come from the standard AWS
     chain (AWS_ENDPOINT_URL, AWS_PROFILE, ...), which botocore reads itself.
     """
     opts = dict(options)
     config = dict(opts.get("config_kwargs") or {})
-    config.setdefault("connect_timeout", 5)
+    config.setdefault("connect_timeout", 3)
     config.setdefault("read_timeout", 60)
-    config.setdefault("retries", {"max_attempts": 3, "mode": "standard"})
+    config.setdefault("retries", {"total_max_attempts": 3, "mode": "standard"})
     opts["config_kwargs"] = config
     if "endpoint_url" not in opts and os.environ.get("AWS_ENDPOINT_URL_S3"):
         opts["endpoint_url"] = os.environ["AWS_ENDPOINT_URL_S3"]
@@ -266,8 +269,13 @@ class Store:
     def abort_stale_uploads(self, prefix: str, older_than_s: float) -> int:
         """Abort S3 multipart uploads under `prefix` started more than `older_than_s` ago.
 
+        On a local folder, remove the temporary files of writes that died (a
+        killed writer's `.tmp-*`, invisible to `list`), the local equivalent.
         Returns how many were aborted; 0 on stores without multipart uploads.
         """
+        if self.is_local:
+            cutoff_s = time.time() - older_than_s
+            return self._call(self._remove_stale_temporaries, self.path(prefix), cutoff_s, key=prefix)
         call = getattr(self.fs, "call_s3", None)
         if call is None:
             return 0
@@ -281,6 +289,22 @@ class Store:
                            UploadId=upload["UploadId"], key=upload["Key"])
                 aborted += 1
         return aborted
+
+
+    def _remove_stale_temporaries(self, base: str, cutoff_s: float) -> int:
+        removed, folders = 0, set()
+        for folder, _, names in os.walk(base):
+            for name in names:
+                path = os.path.join(folder, name)
+                try:
+                    if name.startswith(".tmp-") and os.stat(path).st_mtime <= cutoff_s:
+                        os.unlink(path)
+                        removed += 1
+                        folders.add(folder)
+                except FileNotFoundError:  # its writer finished (or another sweep got it) meanwhile
+                    continue
+        _prune_empty_dirs(folders, stop=self.root)
+        return removed
 
 
 def _mtime(info: dict[str, Any]) -> float | None:

@@ -27,6 +27,7 @@ say how much work a preemption without an emergency snapshot loses.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -101,9 +102,12 @@ class ChildChannel:
         self._last_poll = 0.0
         self._last_progress = 0.0
         self._answered: set[str] = set()
+        self._stopped = False  # a stop was answered: later polls ask for nothing more
 
     def poll(self) -> Request | None:
         """The pending request, if any: cheap enough to call every step."""
+        if self._stopped:
+            return None
         if _stop.is_set():
             return Request(SIGNAL_REQUEST_ID, STOP)
         if _save.is_set():
@@ -143,10 +147,17 @@ class ChildChannel:
             pass
 
     def ack(self, request: Request, snapshot_id: str, step: int) -> None:
+        """Answer a request. Best effort: the snapshot is committed whether or not the answer lands."""
         self._answered.add(request.id)
-        if self.dir is not None:
+        self._stopped = self._stopped or request.action == STOP
+        if self.dir is None:
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
             _write_atomic(self.dir / f"ack-{request.id}.json",
                           {"id": request.id, "snapshot_id": snapshot_id, "step": step})
+        except OSError as exc:
+            logging.getLogger("runner.control").warning("could not acknowledge request %s: %s", request.id, exc)
 
 
 def reset_for_tests() -> None:

@@ -380,3 +380,43 @@ def test_a_final_save_at_the_step_of_a_periodic_one_wins(tmp_path: Path) -> None
             assert again.restore() == 4
             restored = again.last_snapshot.snapshot_id
             assert again.finished, f"attempt {attempt}: restored {restored}, not {final.snapshot_id}"
+
+
+def test_after_an_emergency_snapshot_later_steps_stop_without_saving_again(tmp_path, monkeypatch):
+    """A loop that keeps calling step() after True gets True again, and no second snapshot."""
+    import os
+    import signal
+
+    import torch
+
+    import runner
+    from runner import control
+
+    control.install_signal_handlers()
+    monkeypatch.delenv(control.ENV_CONTROL_DIR, raising=False)
+    ckpt = runner.Checkpointer(str(tmp_path / "b"), run_id="r", save_every_steps=1000, model=torch.nn.Linear(2, 2))
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert ckpt.step(5) is True
+    assert ckpt.step(6) is True
+    assert len(ckpt.reader.snapshot_ids()) == 1
+    ckpt.close()
+
+
+def test_an_ack_into_a_missing_control_dir_does_not_crash_training(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import torch
+
+    import runner
+    from runner import control
+
+    gone = tmp_path / "control"
+    monkeypatch.setenv(control.ENV_CONTROL_DIR, str(gone))
+    control.install_signal_handlers()
+    ckpt = runner.Checkpointer(str(tmp_path / "b"), run_id="r", model=torch.nn.Linear(2, 2))
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert ckpt.step(3) is True
+    assert (gone / "ack-signal.json").exists()
+    assert len(ckpt.reader.snapshot_ids()) == 1
+    ckpt.close()

@@ -183,6 +183,8 @@ class Checkpointer:
             result = self.save(step, epoch=epoch, metrics=metrics, reason=reason)
             self.channel.ack(request, result.manifest.snapshot_id, step)
             return request.action == control.STOP
+        if control.preemption_requested():
+            return True  # already answered with an emergency snapshot: just stop
         if self._due(step):
             self._save_async(step, epoch, metrics)
         return False
@@ -296,8 +298,6 @@ def _build(factory: Any, **values: Any) -> CheckpointSettings:
 
 
 def _env_control_dir() -> str | None:
-    import os
-
     return os.environ.get(control.ENV_CONTROL_DIR) or None
 
 

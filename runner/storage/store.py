@@ -22,6 +22,7 @@ import datetime as dt
 import logging
 import os
 import random
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -224,6 +225,27 @@ class Store:
                 os.link(tmp, path)  # atomic, and fails when the name exists
             else:
                 os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def copy(self, src: str, dst: str) -> None:
+        """Copy object `src` to `dst` inside the store (no bytes through this machine); whole or nothing.
+
+        Raises ObjectNotFoundError when `src` is gone.
+        """
+        if self.is_local:
+            self._call(self._local_copy, self.path(src), self.path(dst), key=dst)
+        else:
+            self._call(self.fs.copy, self.path(src), self.path(dst), key=dst)
+
+    def _local_copy(self, src: str, dst: str) -> None:
+        folder = os.path.dirname(dst)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -22,6 +23,12 @@ class StartConfig(BaseModel):
     grace_seconds: float = Field(default=25.0, gt=0)  # for a bare SIGTERM
     max_restarts: int = Field(default=3, ge=0)
     sync_dir: str | None = None
+    # Directory-sync mode (syncdir.py).  The signal that stops the child after
+    # the last sync on a termination notice: SIGTERM, TERM or 15.
+    sync_signal: str = "SIGTERM"
+    sync_settle_s: float = Field(default=2.0, gt=0)  # unchanged this long = written (torch zips: once complete)
+    sync_scan_s: float = Field(default=2.0, gt=0, le=60)  # how often DIR is scanned
+    sync_interval_s: float = Field(default=60.0, ge=0)  # at most this often for changes to non-checkpoint files only
     imds_endpoint: str | None = None
     poll_interval_s: float = Field(default=2.0, gt=0, le=5)
     # First restart delay; it doubles for each further crash without progress (capped at 60 s).
@@ -35,3 +42,18 @@ class StartConfig(BaseModel):
         if not layout.valid_run_id(value):
             raise ValueError("use letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit")
         return value
+
+    @field_validator("sync_signal", mode="before")
+    @classmethod
+    def _sync_signal(cls, value: Any) -> str:
+        text = str(value).strip().upper()
+        name = text if text.startswith("SIG") else f"SIG{text}"
+        try:
+            sig = signal.Signals(int(text)) if text.isdigit() else signal.Signals[name]
+        except (KeyError, ValueError):
+            raise ValueError(f"{value!r} is not a signal name or number (e.g. SIGTERM, INT, 15)") from None
+        return sig.name
+
+    @property
+    def sync_signal_number(self) -> signal.Signals:
+        return signal.Signals[self.sync_signal]

@@ -24,6 +24,12 @@ bare SIGTERM/SIGINT/SIGHUP: now + --grace-seconds):
    newest valid snapshot is a new emergency one); exit 75 either way, with a
    loud warning and the steps lost when nothing was committed (status.py
    says why).
+
+In directory-sync mode (--sync-dir, syncdir.py) the child knows nothing of
+us: DIR is restored before the first start, synced in the background while
+the child runs and once more when it ends; a termination lets the files in
+flight settle, commits DIR, then stops the child with --sync-signal.  The
+hooks are the `_sync_*` methods at the end of the class.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from runner.supervisor.child import Child, ChildExit, ChildStartError, Reaper, b
 from runner.supervisor.config import StartConfig
 from runner.supervisor.policy import CrashTracker, RestartPolicy, StopPlan
 from runner.supervisor.status import RunStatus
+from runner.supervisor.syncdir import DirSync, SyncDirError
 from runner.supervisor.watchers import CHILD_EVENT, CloudWatcher, NoticeSourceError, SignalWatcher, plan_source
 
 log = logging.getLogger("runner.supervisor")
@@ -95,6 +102,7 @@ class Supervisor:
         self._pending_save: tuple[str, Notice] | None = None
         self._plan: StopPlan | None = None
         self._ack_at: float | None = None  # epoch time the emergency ack was seen
+        self.sync: DirSync | None = None  # directory-sync mode
 
     # -- the whole run ------------------------------------------------------------
 
@@ -104,10 +112,6 @@ class Supervisor:
 
     def _run(self) -> RunStatus:
         cfg = self.config
-        if cfg.sync_dir is not None:
-            # Refused rather than ignored: a script relying on it would lose every save.
-            log.error("--sync-dir is not supported yet; use runner.Checkpointer in the training script")
-            return RunStatus.CONFIG_ERROR
         try:
             planned = plan_source(cfg.notice_source, cfg.imds_endpoint)
         except NoticeSourceError as exc:
@@ -128,6 +132,13 @@ class Supervisor:
                 log.info("run %s is already finished (final snapshot %s at step %d); nothing to do",
                          cfg.run_id, newest.snapshot_id, newest.step)
                 return RunStatus.ALREADY_FINISHED
+            try:
+                self._sync_restore(store)
+            except SyncDirError as exc:
+                log.error("%s", exc)
+                return RunStatus.CONFIG_ERROR
+            except StorageError as exc:
+                return self._storage_failed(exc, at_start=True)
             self.reaper = Reaper(reap_all=become_subreaper())
             cloud = CloudWatcher(planned, cfg.poll_interval_s, self.events).start()
             try:
@@ -135,6 +146,8 @@ class Supervisor:
             except StorageError as exc:
                 return self._storage_failed(exc, at_start=False)
             finally:
+                if self.sync is not None:
+                    self.sync.stop()
                 self._kill_leftover_child()
                 cloud.stop()
         finally:
@@ -150,9 +163,12 @@ class Supervisor:
             except ChildStartError as exc:
                 log.error("%s; check the command after --", exc)
                 return RunStatus.CONFIG_ERROR
+            if self.sync is not None:
+                self.sync.start()
             outcome = self._watch(child)
             if isinstance(outcome, RunStatus):
                 return outcome
+            self._sync_after_exit(outcome)
             newest = self._newest()
             if outcome.returncode == 0 or (newest is not None and newest.final):
                 return self._finished(outcome, newest)
@@ -229,6 +245,10 @@ class Supervisor:
     # -- notices --------------------------------------------------------------------
 
     def _rebalance(self, child: Child, notice: Notice) -> None:
+        if self.sync is not None:
+            log.info("%s: syncing %s at the next scan; training goes on", notice.detail, self.config.sync_dir)
+            self.sync.request()
+            return
         if self._pending_save is not None:
             log.info("%s: a proactive snapshot is already in flight", notice.detail)
             return
@@ -251,6 +271,8 @@ class Supervisor:
                  time.time() - notice.received_at)
 
     def _preempt(self, child: Child, notice: Notice) -> RunStatus:
+        if self.sync is not None:
+            return self._sync_preempt(child, notice)
         self.preemptions += 1
         self.status = RunStatus.SAVING
         self._pending_save = None
@@ -471,6 +493,67 @@ class Supervisor:
     @staticmethod
     def _step(manifest: Manifest | None) -> int:
         return manifest.step if manifest is not None else 0
+
+    # -- directory-sync mode (the logic is in syncdir.py) ------------------------------
+
+    def _sync_restore(self, store: Store) -> None:
+        """Before the first start: DIR from the newest intact sync snapshot. Raises SyncDirError, StorageError."""
+        cfg = self.config
+        if cfg.sync_dir is None:
+            return
+        self.sync = DirSync(store, cfg.run_id, cfg.sync_dir, keep_last=cfg.keep_last, settle_s=cfg.sync_settle_s,
+                            scan_s=cfg.sync_scan_s, interval_s=cfg.sync_interval_s)  # fmt: skip
+        if self.sync.restore() is None:
+            log.info("run %s: no sync snapshot to restore; %s starts as it is", cfg.run_id, self.sync.dir)
+
+    def _sync_after_exit(self, outcome: ChildExit) -> None:
+        """The child ended by itself: sync what it left (a final snapshot after exit 0)."""
+        if self.sync is None:
+            return
+        try:
+            self.sync.after_exit(clean=outcome.returncode == 0)
+        except StorageError as exc:
+            log.warning("the sync after the child ended failed: %s", exc)
+
+    def _sync_preempt(self, child: Child, notice: Notice) -> RunStatus:
+        """A termination in sync mode: files in flight settle (until the plan's ack time), DIR is committed,
+        then the child gets --sync-signal, and SIGKILL if it is still there at the plan's kill time."""
+        assert self.sync is not None
+        self.preemptions += 1
+        self.status = RunStatus.SAVING
+        now = time.monotonic()
+        left = notice.seconds_left()
+        left = self.config.grace_seconds if left is None else max(_MIN_NOTICE_S, left)
+        self._plan = StopPlan.for_deadline(now, now + left)
+        log.info("%s: %.0f s left; syncing %s, then stopping the child", notice.detail, left, self.sync.dir)
+
+        def alive() -> bool:
+            self.reaper.reap(child)
+            return child.exit is None
+
+        try:
+            held = self.sync.final_sync(until=lambda: self._plan.ack_by,  # type: ignore[union-attr]
+                                        wait=lambda s: self._tighten(self._next_event(s)), alive=alive)
+        except StorageError as exc:
+            log.warning("the last sync failed: %s", exc)
+            held = None
+        self.status = RunStatus.STOPPING
+        if alive():
+            log.info("%s to the child's process group", self.config.sync_signal)
+            child.signal_group(self.config.sync_signal_number)
+            if not self._wait_exit(child, self._plan.kill_at(time.monotonic())):
+                log.warning("child pid %d still running; SIGKILL to its process group", child.pid)
+                child.signal_group(signal.SIGKILL)
+                self._wait_exit(child, time.monotonic() + 5.0)
+        self._end_child(child)
+        if held is None:
+            log.warning("NO SYNC SNAPSHOT holds %s; the next start resumes from %s", self.sync.dir,
+                        _describe(self._newest_or_none()))
+            return RunStatus.PREEMPTED_UNSAVED
+        took = time.time() - notice.received_at
+        log.info("sync snapshot %s holds %s (step %d), %.1f s after the notice; preempted, the next start "
+                 "restores it", held.snapshot_id, self.sync.dir, held.step, took)
+        return RunStatus.PREEMPTED
 
 
 def _describe(manifest: Manifest | None) -> str:

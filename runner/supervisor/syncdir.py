@@ -1,0 +1,711 @@
+"""Directory-sync mode (`runner start --sync-dir DIR`): a folder of checkpoints <-> the run's snapshots.
+
+For training scripts that checkpoint on their own (GPT-SoVITS's trainer
+writes `G_<step>.pth`/`D_<step>.pth` into its logs folder), SageMaker-style.
+Owns: restoring DIR from the newest intact sync snapshot before the child
+starts; watching DIR while the child runs and committing its settled state as
+snapshots (reason "sync"); the last sync on a termination notice and when the
+child ends ("final" after a clean exit); how file names are stored; the step
+of a sync snapshot.  The supervisor (run.py) decides when to call it.
+
+Design notes (why):
+
+- Every sync snapshot lists the WHOLE settled state of DIR and is
+  self-contained: files that changed are uploaded into the new snapshot's
+  prefix, files that did not are copied server-side (S3 CopyObject, a local
+  copy) from the previous sync snapshot's prefix.  So the manifest format,
+  RunReader, verify, fork and retention are unchanged and stay correct:
+  deleting a snapshot never removes bytes another manifest needs.  Rejected:
+  re-uploading unchanged files (slow inside a notice window, and a file that
+  is being rewritten has no good local copy to upload), and manifests that
+  point into older snapshots (every reader, retention and fork would have to
+  follow references, and retention could delete data a kept manifest uses).
+  The price is storage: keep_last K snapshots hold up to K copies of DIR.
+  Copies are `Store.copy` (S3 CopyObject; copy + rename on a local folder).
+- A polling scan (every `scan_s`, 2 s by default), not inotify: it works the
+  same in containers, on bind mounts and on network filesystems (NFS, EFS,
+  FUSE mounts of buckets), where inotify misses writes made by other hosts
+  or is not available at all; it needs no dependency (`watchdog` falls back
+  to polling in exactly those cases anyway); a 2 s scan of a logs folder of
+  a few hundred files costs well under a millisecond of CPU per second.
+- When a file counts as written ("settled"): its (size, mtime, inode) have
+  not changed for `settle_s`.  A torch checkpoint (`torch.save`'s zip format:
+  it starts with `PK\\x03\\x04`) additionally counts only once its zip end
+  record is in place, which torch writes last, and then at once, without
+  waiting out `settle_s`.  So a half-written `.pth` is never uploaded, even
+  when its writer pauses longer than the settle period.  A file that changes
+  while it is read is read again later; the snapshot keeps the previous
+  version of a file that is still in flight.
+- When a sync is committed: as soon as a settled change touches a checkpoint
+  file (`.pth`, `.pt`, `.ckpt`, `.safetensors`); changes to other files
+  (train.log, TensorBoard events) ride along, or are committed on their own
+  at most every `interval_s`, so that a log written every few seconds does
+  not copy every checkpoint every few seconds.  A rebalance recommendation,
+  a termination notice and the child's end sync at once.  A termination
+  waits for checkpoint files in flight until the stop plan's ack time, for
+  other files one settle period at most; a file that never stays unchanged
+  for `settle_s` (a chatty log) is synced only when it pauses.
+- The step of a sync snapshot: the largest integer in the name of the newest
+  (by mtime) checkpoint file it holds (`G_2333.pth` -> 2333,
+  `epoch=9-step=1000.ckpt` -> 1000), never less than the previous sync's
+  step, so that the newest state always sorts newest; integers of 12 digits
+  and more are ignored (snapshot ids hold 12).  A snapshot with no such file
+  gets the previous step + 1 (a sync counter).
+- File names: a path is stored under the same relative path when each
+  segment matches the manifest's safe pattern ([A-Za-z0-9_][A-Za-z0-9._-]*).
+  Any other segment (spaces, '=', non-ASCII, a leading dot or dash) is stored
+  as `_b32.` + the lowercase, unpadded base32 of its bytes; a real name that
+  starts with `_b32.` is encoded too, so decoding is unambiguous.  Decoded
+  names are checked again on restore (the bucket is not trusted): no empty,
+  '.', '..', '/' or NUL segment, and the path must stay inside DIR.
+  Symlinks, sockets and our own `.runner-*` temporaries are not synced.
+- Restore never leaves a mix of two snapshots in DIR: every file of the
+  chosen snapshot is downloaded, checked against its SHA-256 and staged as a
+  `.runner-restore-*` temporary first; only when all are good are they moved
+  into place (os.replace).  A corrupt snapshot is skipped for the previous
+  one.  Files already present with the same bytes are left alone; files that
+  are not in the snapshot are never deleted.
+- When the child dies, whatever it was still writing is suspect: that exact
+  file state is never uploaded (a later, different state of the file is).
+  A suspect checkpoint is also taken out of the restarted child's way: put
+  back to its synced version, or moved to DIR/.runner-partial/ (a trainer
+  that loads its newest `G_*.pth` would otherwise crash on it forever).
+
+Whole files are read into memory to be hashed and uploaded (the store has
+whole-object writes only), one file at a time.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import logging
+import os
+import platform
+import re
+import signal
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from runner.checkpoint import layout, retention
+from runner.checkpoint.manifest import FileEntry, Manifest, Reason
+from runner.checkpoint.reader import CorruptSnapshotError, RunReader
+from runner.storage import ObjectNotFoundError, StorageError, Store
+
+log = logging.getLogger("runner.supervisor")
+
+SYNC_MARKER = "sync_dir"  # manifest.extra[SYNC_MARKER] = the name encoding's version
+SYNC_FORMAT = 1
+ENCODED_PREFIX = "_b32."
+PRIVATE_PREFIX = ".runner-"  # our staging files in DIR; never synced
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
+MAX_STEP = 10**12 - 1
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_BASE32 = re.compile(r"^[a-z2-7]+$")
+_ZIP_HEAD = b"PK\x03\x04"
+_ZIP_END = b"PK\x05\x06"
+_ZIP_TAIL = 22 + 65535  # the end record plus the longest comment
+_FINAL_POLL_S = 0.25
+_THREAD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+
+Fingerprint = tuple[int, int, int]  # size, mtime_ns, inode
+
+
+class SyncDirError(ValueError):
+    """DIR cannot be used (it is a file, or cannot be created or written)."""
+
+
+# -- names, steps, completeness (pure) ---------------------------------------------------
+
+
+def encode_path(rel: str) -> str:
+    """The manifest path for DIR-relative `rel` ("a/b c.pth" -> "a/_b32.mjqgg..."); see the module notes."""
+    return "/".join(_encode_segment(s) for s in rel.split("/"))
+
+
+def _encode_segment(name: str) -> str:
+    if _SAFE_SEGMENT.match(name) and not name.startswith(ENCODED_PREFIX):
+        return name
+    return ENCODED_PREFIX + base64.b32encode(os.fsencode(name)).decode().rstrip("=").lower()
+
+
+def decode_path(path: str) -> str:
+    """The DIR-relative path a manifest path stands for. Raises ValueError for one that is not ours or unsafe."""
+    return "/".join(_decode_segment(s) for s in path.split("/"))
+
+
+def _decode_segment(segment: str) -> str:
+    if not segment.startswith(ENCODED_PREFIX):
+        name = segment
+    else:
+        body = segment[len(ENCODED_PREFIX):]
+        if not _BASE32.match(body):
+            raise ValueError(f"{segment!r} is not a valid encoded name")
+        try:
+            name = os.fsdecode(base64.b32decode(body.upper() + "=" * (-len(body) % 8)))
+        except (ValueError, TypeError):
+            raise ValueError(f"{segment!r} is not a valid encoded name") from None
+    if name in ("", ".", "..") or "/" in name or "\0" in name or (os.sep != "/" and os.sep in name):
+        raise ValueError(f"{segment!r} names an unsafe path segment")
+    return name
+
+
+def is_checkpoint(rel: str) -> bool:
+    return rel.lower().endswith(CHECKPOINT_SUFFIXES)
+
+
+def step_from_name(rel: str) -> int | None:
+    """The largest integer (< 10**12) in the file name of `rel`, or None."""
+    numbers = [int(n) for n in re.findall(r"\d+", rel.rsplit("/", 1)[-1]) if len(n.lstrip("0")) <= 12]
+    return max(numbers) if numbers else None
+
+
+def zip_complete(data: bytes) -> bool:
+    """False for the prefix of a zip file (torch.save's format) whose end record is not written yet; True otherwise."""
+    if not data.startswith(_ZIP_HEAD):
+        return True
+    return _zip_end_ok(data[-_ZIP_TAIL:])
+
+
+def _zip_end_ok(tail: bytes) -> bool:
+    at = tail.rfind(_ZIP_END)
+    while at >= 0:
+        if at + 22 <= len(tail) and at + 22 + int.from_bytes(tail[at + 20:at + 22], "little") == len(tail):
+            return True
+        at = tail.rfind(_ZIP_END, 0, at)
+    return False
+
+
+def is_sync_snapshot(manifest: Manifest) -> bool:
+    return manifest.extra.get(SYNC_MARKER) == SYNC_FORMAT
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A file as the newest sync snapshot holds it, and the local state it was read from."""
+
+    entry: FileEntry
+    fingerprint: Fingerprint
+
+
+@dataclass
+class _Seen:
+    """A file as the scans saw it: since when unchanged, and what its zip tail says."""
+
+    fingerprint: Fingerprint
+    since: float  # monotonic time of the first scan that saw this fingerprint
+    zip_state: str | None = None  # "complete", "partial" or "other" (not a zip); None until looked at
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """One pass over DIR."""
+
+    found: dict[str, Fingerprint]
+    changed: list[str]  # settled and different from the stored version
+    in_flight: list[str]  # changed but still being written
+    removed: list[str]  # stored but gone from DIR
+
+
+def _fingerprint(st: os.stat_result) -> Fingerprint:
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class DirSync:
+    """DIR and the run's sync snapshots.  Thread-safe; one background scanner while the child runs.
+
+    Raises (restore, tick, final_sync, after_exit): StorageError from the
+    store; restore also SyncDirError when DIR cannot be written.
+    """
+
+    def __init__(self, store: Store, run_id: str, directory: str | os.PathLike, *, keep_last: int,
+                 settle_s: float = 2.0, scan_s: float = 2.0, interval_s: float = 60.0,
+                 fence: Callable[[], None] | None = None):
+        self.store = store
+        self.run_id = run_id
+        self.reader = RunReader(store, run_id)
+        self.dir = Path(os.path.abspath(directory))
+        self.policy = retention.KeepLastN(keep_last)
+        self.settle_s = settle_s
+        self.scan_s = scan_s
+        self.interval_s = interval_s
+        self.fence = fence  # called right before a manifest is created (the lease's fencing check)
+        self.commits = 0
+        self._lock = threading.RLock()
+        self._base: Manifest | None = None  # the newest sync snapshot: what DIR was last committed as
+        self._stored: dict[str, _Stored] = {}
+        self._seen: dict[str, _Seen] = {}
+        self._suspect: dict[str, Fingerprint] = {}  # file states never to upload
+        self._step = 0
+        self._last_sync = time.monotonic()
+        self._requested = False
+        self._warned: set[tuple[str, object]] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base(self) -> Manifest | None:
+        return self._base
+
+    # -- restore ----------------------------------------------------------------------------
+
+    def restore(self) -> Manifest | None:
+        """Bring DIR to the newest sync snapshot that reads back intact; None when there is none.
+
+        Also moves provably half-written torch files (no zip end record) that
+        the snapshot does not hold to DIR/.runner-partial/.
+        """
+        try:
+            if self.dir.exists() and not self.dir.is_dir():
+                raise SyncDirError(f"--sync-dir {self.dir} is not a folder")
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SyncDirError(f"cannot create --sync-dir {self.dir}: {exc.strerror or exc}") from None
+        with self._lock:
+            skipped_corrupt = 0
+            for manifest in self.reader.valid_snapshots():
+                if not is_sync_snapshot(manifest):
+                    log.warning("skipping snapshot %s (%s): it was not made by --sync-dir, so it has no folder to "
+                                "restore", manifest.snapshot_id, manifest.reason.value)
+                    continue
+                started = time.monotonic()
+                try:
+                    stored, fetched = self._restore_from(manifest)
+                except CorruptSnapshotError as exc:
+                    skipped_corrupt += 1
+                    log.warning("sync snapshot %s is corrupt (%s); trying the previous one", manifest.snapshot_id, exc)
+                    continue
+                self._adopt(manifest, stored)
+                self._move_aside_partial_zips(keep=set(stored))
+                log.info("restored %s from sync snapshot %s (step %d): %d file(s) downloaded (%.1f MB), %d already "
+                         "present, in %.1f s", self.dir, manifest.snapshot_id, manifest.step, fetched[0],
+                         fetched[1] / 1e6, len(stored) - fetched[0], time.monotonic() - started)
+                return manifest
+            if skipped_corrupt:
+                log.warning("NO INTACT SYNC SNAPSHOT: %d corrupt one(s) skipped; %s starts from what is on disk",
+                            skipped_corrupt, self.dir)
+            self._move_aside_partial_zips(keep=set())
+            return None
+
+    def _move_aside_partial_zips(self, keep: set[str]) -> None:
+        """A torch file without its zip end record, left by a writer killed before we started: out of the way."""
+        scan = self._scan()
+        for rel in scan.in_flight if scan else ():
+            if rel not in keep and self._seen[rel].zip_state == "partial":
+                self._suspect[rel] = scan.found[rel]  # type: ignore[union-attr]
+        self._put_back_partial_checkpoints()
+
+    def _restore_from(self, manifest: Manifest) -> tuple[dict[str, _Stored], tuple[int, int]]:
+        """Stage every file of `manifest`, then move them into place. Raises CorruptSnapshotError."""
+        keep: dict[str, tuple[Path, FileEntry]] = {}
+        staged: list[tuple[Path, Path, str, FileEntry]] = []
+        try:
+            for entry in manifest.files:
+                try:
+                    rel = decode_path(entry.path)
+                except ValueError as exc:
+                    raise CorruptSnapshotError(str(exc)) from None
+                target = self._local(rel)
+                if target.is_file() and target.stat().st_size == entry.size and _sha256_file(target) == entry.sha256:
+                    keep[rel] = (target, entry)
+                    continue
+                data = self.reader.read_file(manifest, entry)  # checked against its SHA-256
+                staged.append((self._stage(target, data), target, rel, entry))
+            for tmp, target, rel, entry in staged:
+                if target.is_dir():
+                    raise SyncDirError(f"cannot restore {target}: a folder has that name")
+                os.replace(tmp, target)
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            raise SyncDirError(f"cannot write into --sync-dir {self.dir}: {exc}") from None
+        finally:
+            for tmp, *_ in staged:
+                tmp.unlink(missing_ok=True)
+        stored = {rel: _Stored(entry, _fingerprint(os.stat(path))) for rel, (path, entry) in keep.items()}
+        for _, target, rel, entry in staged:
+            stored[rel] = _Stored(entry, _fingerprint(os.stat(target)))
+        return stored, (len(staged), sum(e.size for *_, e in staged))
+
+    def _local(self, rel: str) -> Path:
+        target = (self.dir / rel).resolve()
+        if not target.is_relative_to(self.dir.resolve()):
+            raise CorruptSnapshotError(f"{rel!r} escapes {self.dir}")
+        return target
+
+    def _stage(self, target: Path, data: bytes) -> Path:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f"{PRIVATE_PREFIX}restore-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    def _adopt(self, manifest: Manifest, stored: dict[str, _Stored]) -> None:
+        self._base, self._stored, self._step = manifest, stored, manifest.step
+        for rel, item in stored.items():
+            if item.fingerprint is not None:
+                self._seen[rel] = _Seen(item.fingerprint, float("-inf"))
+
+    # -- the background scanner -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Scan every `scan_s` and commit what is due, until `stop()`."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="runner-sync", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the scanner; a commit in flight finishes first."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop.set()
+            thread.join()
+
+    def request(self) -> None:
+        """Sync at the next scan whatever changed (a rebalance recommendation)."""
+        self._requested = True
+
+    def _run(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _THREAD_SIGNALS)  # they belong to the main thread
+        while not self._stop.wait(self.scan_s):
+            try:
+                self.tick()
+            except StorageError as exc:
+                log.warning("sync of %s failed (%s); trying again in %.0f s", self.dir, exc, self.scan_s)
+            except Exception:  # a bug here must not end syncing for the rest of the run
+                log.exception("sync of %s failed unexpectedly; trying again in %.0f s", self.dir, self.scan_s)
+
+    # -- syncing ----------------------------------------------------------------------------
+
+    def tick(self) -> Manifest | None:
+        """One scan; commits a snapshot when a sync is due (module notes). Returns it, or None."""
+        with self._lock:
+            scan = self._scan()
+            requested, self._requested = self._requested, False
+            if scan is None or not (scan.changed or scan.removed):
+                if requested and scan is not None:
+                    log.info("%s has no settled change to sync; the newest snapshot is current", self.dir)
+                return None
+            due = requested or any(is_checkpoint(r) for r in scan.changed) \
+                or time.monotonic() - self._last_sync >= self.interval_s  # fmt: skip
+            return self._commit(scan, Reason.SYNC) if due else None
+
+    def final_sync(self, until: Callable[[], float], wait: Callable[[float], None],
+                   alive: Callable[[], bool]) -> Manifest | None:
+        """On a termination notice: let the files in flight settle, then commit.
+
+        Checkpoint files in flight are waited for until `until()` (monotonic);
+        other files for one settle period at most (a log appended every
+        second would otherwise hold the snapshot until the deadline): those
+        still changing then keep their previous version.
+
+        `wait(seconds)` passes time (the supervisor keeps handling events in
+        it); `alive()` says whether the child still runs.  Returns the
+        snapshot that now holds DIR's state (a new one, or the previous one
+        when nothing changed); None when there is none.
+        """
+        self.stop()
+        with self._lock:
+            scan = self._scan()
+            waiting = set(scan.in_flight) if scan else set()
+            others_until = time.monotonic() + self.settle_s + _FINAL_POLL_S
+            died = False
+            if waiting:
+                log.info("waiting for %s to be written", _names(waiting))
+            while scan is not None and waiting:
+                now = time.monotonic()
+                if now >= others_until:
+                    waiting = {rel for rel in waiting if self._is_checkpoint(rel)}
+                    if not waiting:
+                        break
+                left = until() - now
+                if left <= 0:
+                    log.warning("still being written at the deadline, so the snapshot keeps their previous "
+                                "version (or leaves them out): %s", _names(waiting))
+                    break
+                if not alive():
+                    scan, died = self._scan(), True
+                    self._suspect_in_flight(scan)
+                    break
+                wait(min(_FINAL_POLL_S, left))
+                scan = self._scan()
+                waiting &= set(scan.in_flight) if scan else set()
+            if scan is None:
+                return None
+            committed = self._commit(scan, Reason.SYNC) if scan.changed or scan.removed else None
+            if died:
+                self._put_back_partial_checkpoints()
+            if committed is None and self._base is not None:
+                log.info("%s is unchanged since sync snapshot %s (step %d)", self.dir, self._base.snapshot_id,
+                         self._base.step)
+            return committed or self._base
+
+    def after_exit(self, clean: bool) -> Manifest | None:
+        """The child ended: commit what it left.  A clean exit commits a final snapshot (the run is done).
+
+        What the child was still writing when it died is suspect and never
+        uploaded in that state; a half-written checkpoint is put back to its
+        synced version, or moved to DIR/.runner-partial/, so that a restarted
+        child does not load it.  Returns the new snapshot, or None.
+        """
+        self.stop()
+        with self._lock:
+            scan = self._scan(everything_settled=clean)
+            if scan is None:
+                return None
+            self._suspect_in_flight(scan)
+            if clean:
+                return self._commit(scan, Reason.FINAL, always=True)
+            committed = self._commit(scan, Reason.SYNC) if scan.changed or scan.removed else None
+            self._put_back_partial_checkpoints()
+            return committed
+
+    def _put_back_partial_checkpoints(self) -> None:
+        for rel, fp in list(self._suspect.items()):
+            if not self._is_checkpoint(rel):
+                continue
+            path = self.dir / rel
+            try:
+                if _fingerprint(os.lstat(path)) != fp:
+                    continue
+                stored = self._stored.get(rel)
+                if stored is not None and self._base is not None:
+                    try:
+                        data = self.reader.read_file(self._base, stored.entry)
+                    except (CorruptSnapshotError, StorageError) as exc:
+                        log.warning("cannot put back %s from snapshot %s: %s", rel, self._base.snapshot_id, exc)
+                    else:
+                        os.replace(self._stage(path, data), path)
+                        self._stored[rel] = replace(stored, fingerprint=_fingerprint(os.stat(path)))
+                        del self._suspect[rel]
+                        log.warning("%s was half-written when the child died; put back its version from snapshot %s",
+                                    rel, self._base.snapshot_id)
+                        continue
+                aside = self.dir / f"{PRIVATE_PREFIX}partial" / rel
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, aside)
+                del self._suspect[rel]
+                log.warning("%s is half-written (its writer died); moved to %s so that the child does not load it",
+                            rel, aside)
+            except OSError as exc:
+                log.warning("cannot move the half-written %s out of the way: %s", rel, exc)
+
+    def _is_checkpoint(self, rel: str) -> bool:
+        """A checkpoint by its name, or a torch zip by its content (what a termination waits for)."""
+        seen = self._seen.get(rel)
+        return is_checkpoint(rel) or (seen is not None and seen.zip_state in ("complete", "partial"))
+
+    def _suspect_in_flight(self, scan: _Scan | None) -> None:
+        for rel in scan.in_flight if scan else ():
+            self._suspect[rel] = scan.found[rel]  # type: ignore[union-attr]
+            level = logging.WARNING if self._is_checkpoint(rel) else logging.INFO
+            log.log(level, "%s was being written when the child died; that state of it is not synced", rel)
+
+    def _scan(self, everything_settled: bool = False) -> _Scan | None:
+        if not self.dir.is_dir():
+            self._warn_once(("gone", None), "--sync-dir %s is gone; nothing is synced until it is back", self.dir)
+            return None
+        now = time.monotonic()
+        found: dict[str, Fingerprint] = {}
+        for folder, dirs, files in os.walk(self.dir):
+            dirs[:] = [d for d in dirs if not d.startswith(PRIVATE_PREFIX)]
+            for name in files:
+                if name.startswith(PRIVATE_PREFIX):
+                    continue
+                path = os.path.join(folder, name)
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found[os.path.relpath(path, self.dir).replace(os.sep, "/")] = _fingerprint(st)
+        for rel in list(self._seen):
+            if rel not in found:
+                del self._seen[rel]
+        changed, in_flight = [], []
+        for rel, fp in sorted(found.items()):
+            seen = self._seen.get(rel)
+            if seen is None or seen.fingerprint != fp:
+                seen = self._seen[rel] = _Seen(fp, now)
+            stored = self._stored.get(rel)
+            if stored is not None and stored.fingerprint == fp:
+                continue
+            suspect = self._suspect.get(rel)
+            if suspect == fp:
+                continue  # carried in its previous version, if any
+            if suspect is not None:
+                del self._suspect[rel]  # written again since
+            if self._settled(rel, seen, now, everything_settled):
+                changed.append(rel)
+            else:
+                in_flight.append(rel)
+        removed = [rel for rel in self._stored if rel not in found]
+        return _Scan(found, changed, in_flight, removed)
+
+    def _settled(self, rel: str, seen: _Seen, now: float, everything_settled: bool) -> bool:
+        if seen.zip_state is None:
+            seen.zip_state = self._zip_state(self.dir / rel)
+        if seen.zip_state == "complete":
+            return True
+        if seen.zip_state == "partial":
+            return False
+        return everything_settled or now - seen.since >= self.settle_s
+
+    @staticmethod
+    def _zip_state(path: Path) -> str:
+        try:
+            with open(path, "rb") as f:
+                if f.read(len(_ZIP_HEAD)) != _ZIP_HEAD:
+                    return "other"
+                size = os.fstat(f.fileno()).st_size
+                f.seek(max(0, size - _ZIP_TAIL))
+                return "complete" if _zip_end_ok(f.read()) else "partial"
+        except OSError:
+            return "partial"  # vanished or unreadable: look again next scan
+
+    # -- one commit -------------------------------------------------------------------------------
+
+    def _commit(self, scan: _Scan, reason: Reason, always: bool = False) -> Manifest | None:
+        """Upload the changed files, copy the rest from the previous snapshot, create the manifest, apply retention.
+
+        Changed files are read, hashed and uploaded one at a time (memory: the
+        largest file).  Returns None when nothing turned out to have changed.
+        """
+        started = time.monotonic()
+        step = self._next_step(scan)
+        sid = layout.new_snapshot_id(step)
+        files: dict[str, _Stored] = {}
+        sent = 0
+        for rel in scan.changed:
+            read = self._read_settled(rel, scan.found[rel])
+            if read is None:
+                continue
+            data, sha, fp = read
+            stored = self._stored.get(rel)
+            if stored is not None and stored.entry.sha256 == sha:
+                self._stored[rel] = replace(stored, fingerprint=fp)  # touched, same bytes
+                continue
+            entry = FileEntry(path=encode_path(rel), size=len(data), sha256=sha)
+            self.store.write_bytes(layout.data_key(self.run_id, sid, entry.path), data)
+            files[rel] = _Stored(entry, fp)
+            sent += len(data)
+        uploaded = len(files)
+        carried = {rel: item for rel, item in self._stored.items() if rel in scan.found and rel not in files}
+        if not files and len(carried) == len(self._stored) and not always:
+            return None
+        if not files and not carried and self._stored:
+            self._warn_once(("empty", None), "%s is empty now; not committing an empty snapshot over %d synced "
+                            "file(s)", self.dir, len(self._stored))
+            return None
+        for rel, item in sorted(carried.items()):
+            if self._carry(rel, item, sid):
+                files[rel] = item
+        if self.fence is not None:
+            self.fence()
+        manifest = Manifest(
+            run_id=self.run_id, snapshot_id=sid, step=step, reason=reason,
+            created_at=dt.datetime.now(dt.timezone.utc),
+            parent=self._base.snapshot_id if self._base else None,
+            versions=_versions(), files=[files[rel].entry for rel in sorted(files)],
+            extra={SYNC_MARKER: SYNC_FORMAT},
+        ).sealed()  # fmt: skip
+        self.store.create_bytes(layout.manifest_key(self.run_id, sid), manifest.to_bytes())
+        self._base, self._stored, self._step = manifest, files, step
+        self._last_sync = time.monotonic()
+        self.commits += 1
+        log.info("%s snapshot %s committed (step %d): %d file(s) uploaded (%.1f MB), %d carried over, in %.1f s",
+                 "final sync" if reason is Reason.FINAL else "sync", sid, step, uploaded, sent / 1e6,
+                 len(files) - uploaded, time.monotonic() - started)
+        self._apply_retention(sid)
+        return manifest
+
+    def _read_settled(self, rel: str, fp: Fingerprint) -> tuple[bytes, str, Fingerprint] | None:
+        """The file's bytes if it is still in the state the scan saw and complete; None to look again later."""
+        path = self.dir / rel
+        try:
+            data = path.read_bytes()
+            after = _fingerprint(os.lstat(path))
+        except OSError:
+            return None  # gone, or unreadable for now: the next scan tells
+        if after != fp:
+            self._seen[rel] = _Seen(after, time.monotonic())
+            return None
+        if not zip_complete(data):
+            self._warn_once((rel, fp), "%s looks like an unfinished torch checkpoint (no zip end record); "
+                            "not synced until it is complete", rel)
+            self._suspect[rel] = fp
+            return None
+        return data, hashlib.sha256(data).hexdigest(), fp
+
+    def _carry(self, rel: str, item: _Stored, sid: str) -> bool:
+        """Copy an unchanged file from the previous snapshot into `sid`; False when it cannot be had."""
+        assert self._base is not None
+        try:
+            self.store.copy(layout.data_key(self.run_id, self._base.snapshot_id, item.entry.path),
+                        layout.data_key(self.run_id, sid, item.entry.path))
+            return True
+        except ObjectNotFoundError:
+            pass
+        # The previous snapshot lost it (deleted by hand, or by a gc): upload it again if DIR still has those bytes.
+        path = self.dir / rel
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = b""
+        if len(data) == item.entry.size and hashlib.sha256(data).hexdigest() == item.entry.sha256:
+            self.store.write_bytes(layout.data_key(self.run_id, sid, item.entry.path), data)
+            return True
+        log.warning("%s is missing from snapshot %s and DIR no longer has that version; left out", rel,
+                    self._base.snapshot_id)
+        return False
+
+    def _next_step(self, scan: _Scan) -> int:
+        """The step of a snapshot of what `scan` found (module notes), from names and mtimes alone."""
+        mtimes = {rel: fp[1] for rel, fp in scan.found.items() if rel in scan.changed}
+        mtimes.update({rel: item.fingerprint[1] if item.fingerprint else -1
+                       for rel, item in self._stored.items() if rel in scan.found and rel not in mtimes})
+        candidates = [(mtime, step_from_name(rel)) for rel, mtime in mtimes.items() if is_checkpoint(rel)]
+        numbered = [(mtime, step) for mtime, step in candidates if step is not None]
+        if not numbered:
+            return min(MAX_STEP, self._step + 1)
+        return max(self._step, max(numbered)[1])  # the newest file; a tie goes to the larger number
+
+    def _apply_retention(self, sid: str) -> None:
+        try:
+            retention.apply(self.reader, retention.plan(self.reader, self.policy, protect={sid}))
+        except StorageError as exc:
+            log.warning("retention skipped: %s", exc)
+
+    def _warn_once(self, key: tuple[str, object], message: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
+
+
+def _names(rels: set[str] | list[str]) -> str:
+    names = sorted(rels)
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _versions() -> dict[str, str]:
+    from runner import __version__
+
+    return {"runner": __version__, "python": platform.python_version()}

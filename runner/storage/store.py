@@ -193,7 +193,7 @@ class Store:
             return self._call(self.fs.cat_file, path, key=key)
         starts = list(range(0, size, _READ_CHUNK))
         ends = [min(s + _READ_CHUNK, size) for s in starts]
-        parts = self._call(self.fs.cat_ranges, [path] * len(starts), starts, ends, key=key)
+        parts = self._call(self.fs.cat_ranges, [path] * len(starts), starts, ends, on_error="raise", key=key)
         return b"".join(parts)
 
     def write_bytes(self, key: str, data: bytes) -> None:

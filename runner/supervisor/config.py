@@ -35,6 +35,9 @@ class StartConfig(BaseModel):
     restart_backoff_s: float = Field(default=1.0, ge=0)
     # Consecutive crashes without a snapshot past the resume step that count as a crash loop.
     crash_loop_limit: int = Field(default=3, ge=1)
+    # How long the run's lease lasts without renewal (renewed every third of it);
+    # a replacement instance waits at most this long after a holder vanished.
+    lease_ttl_s: float = Field(default=60.0, ge=3)
 
     @field_validator("run_id")
     @classmethod

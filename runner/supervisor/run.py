@@ -44,12 +44,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from runner import control
+from runner.lease import ENV_LEASE_GENERATION
 from runner.checkpoint.manifest import Manifest, Reason
 from runner.checkpoint.reader import RunReader
 from runner.notices import Notice, NoticeKind
 from runner.storage import StorageError, Store, UnsupportedURLError
 from runner.supervisor.child import Child, ChildExit, ChildStartError, Reaper, become_subreaper, child_env, new_control_dir
 from runner.supervisor.config import StartConfig
+from runner.supervisor.leasing import LEASE_LOST, LeaseKeeper
 from runner.supervisor.policy import CrashTracker, RestartPolicy, StopPlan
 from runner.supervisor.status import RunStatus
 from runner.supervisor.syncdir import DirSync, SyncDirError
@@ -103,6 +105,7 @@ class Supervisor:
         self._plan: StopPlan | None = None
         self._ack_at: float | None = None  # epoch time the emergency ack was seen
         self.sync: DirSync | None = None  # directory-sync mode
+        self.lease: LeaseKeeper | None = None
 
     # -- the whole run ------------------------------------------------------------
 
@@ -125,7 +128,12 @@ class Supervisor:
                 store = Store(cfg.bucket, cfg.storage_options)
                 store.check()
                 self.reader = RunReader(store, cfg.run_id)
-                newest = self._newest()
+                self.lease = LeaseKeeper(store, cfg.run_id, self.events, ttl_s=cfg.lease_ttl_s)
+                notice = self.lease.acquire(self._next_event)
+                if notice is not None:
+                    log.warning("%s while waiting for the run's lease; nothing to save", notice.detail)
+                    return RunStatus.PREEMPTED_UNSAVED
+                newest = self._newest()  # read after the lease: the previous holder may have committed more
             except StorageError as exc:
                 return self._storage_failed(exc, at_start=True)
             if newest is not None and newest.final:
@@ -151,6 +159,8 @@ class Supervisor:
                 self._kill_leftover_child()
                 cloud.stop()
         finally:
+            if self.lease is not None:
+                self.lease.release()
             signals.uninstall()
 
     def _loop(self, resume: Manifest | None) -> RunStatus:
@@ -168,6 +178,9 @@ class Supervisor:
             outcome = self._watch(child)
             if isinstance(outcome, RunStatus):
                 return outcome
+            if self.lease is not None and not self.lease.still_ours():
+                log.error("run %s: lease lost while the child ran; it %s", self.config.run_id, outcome.describe())
+                return RunStatus.LEASE_LOST
             self._sync_after_exit(outcome)
             newest = self._newest()
             if outcome.returncode == 0 or (newest is not None and newest.final):
@@ -192,6 +205,8 @@ class Supervisor:
         env = child_env(os.environ, bucket=cfg.bucket, run_id=cfg.run_id, save_every_steps=cfg.save_every_steps,
                         keep_last=cfg.keep_last, storage_options=cfg.storage_options,
                         resume=resume.snapshot_id if resume else "none", control_dir=control_dir)  # fmt: skip
+        if self.lease is not None and self.lease.generation is not None:
+            env[ENV_LEASE_GENERATION] = str(self.lease.generation)
         if resume is not None:
             log.info("run %s: resuming from %s", cfg.run_id, _describe(resume))
         else:
@@ -216,6 +231,8 @@ class Supervisor:
                 return child.exit
             self._check_pending_save(child)
             event = self._next_event(_SAVE_POLL_S if self._pending_save else _IDLE_WAKE_S)
+            if event == LEASE_LOST:
+                return self._lease_lost(child)
             if isinstance(event, Notice):
                 if event.kind is NoticeKind.TERMINATION:
                     return self._preempt(child, event)
@@ -229,6 +246,12 @@ class Supervisor:
         child.cleanup()
         self._pending_save = None
         self.child = None
+
+    def _lease_lost(self, child: Child) -> RunStatus:
+        """Another instance owns the run now: stop at once; the child's commits are fenced anyway."""
+        log.error("run %s: lease lost; stopping child pid %d without a snapshot", self.config.run_id, child.pid)
+        self._kill_leftover_child()
+        return RunStatus.LEASE_LOST
 
     def _kill_leftover_child(self) -> None:
         """On the way out (also after a supervisor bug): leave nothing running."""

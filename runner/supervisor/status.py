@@ -6,7 +6,8 @@ supervisor decides an exit code.
 
 Exit codes:
     0   FINISHED, ALREADY_FINISHED       the training is done
-    75  PREEMPTED, PREEMPTED_UNSAVED     the machine is going away; resume elsewhere
+    75  PREEMPTED, PREEMPTED_UNSAVED,    the machine is going away, or another
+        LEASE_LOST                       instance took the run over; resume elsewhere
     1   FAILED, CRASH_LOOP, STORAGE_FAILED   failed for good
     2   CONFIG_ERROR                     bad usage or configuration
 
@@ -57,6 +58,9 @@ class RunStatus(enum.Enum):
     # Preempted, but no emergency snapshot was committed in time (or no child
     # was running): the previous valid snapshot stays the resume point.
     PREEMPTED_UNSAVED = "preempted-unsaved"
+    # Another instance holds a newer lease on the run (or ours could not be
+    # renewed in time): the child was stopped without committing anything.
+    LEASE_LOST = "lease-lost"
     # The child kept crashing and --max-restarts is used up.
     FAILED = "failed"
     # The child crashed repeatedly without the newest valid step advancing.
@@ -86,6 +90,7 @@ _EXIT_CODES: dict[RunStatus, ExitCode] = {
     RunStatus.ALREADY_FINISHED: ExitCode.FINISHED,
     RunStatus.PREEMPTED: ExitCode.PREEMPTED,
     RunStatus.PREEMPTED_UNSAVED: ExitCode.PREEMPTED,
+    RunStatus.LEASE_LOST: ExitCode.PREEMPTED,
     RunStatus.FAILED: ExitCode.FAILED,
     RunStatus.CRASH_LOOP: ExitCode.FAILED,
     RunStatus.STORAGE_FAILED: ExitCode.FAILED,

@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.filesize import decimal
@@ -31,6 +31,9 @@ from rich.table import Table
 
 from runner.checkpoint.manifest import Manifest
 from runner.operations import GcReport, PinResult, RunSummary, SnapshotRow, VerifyResult
+
+if TYPE_CHECKING:
+    from runner.drill import DrillReport
 
 PREFIX = "runner"
 
@@ -235,3 +238,52 @@ def forked(manifest: Manifest, as_json: bool) -> None:
         return
     stdout().print(f"forked {manifest.forked_from} into run {manifest.run_id} as {manifest.snapshot_id} "
                    f"(step {manifest.step}, {size(manifest.total_bytes)})", markup=False)
+
+
+def drill_report(report: "DrillReport", as_json: bool) -> None:
+    """`runner drill`'s result: the interruptions, the component comparison, the verdict."""
+    if as_json:
+        print_json(report.to_json())
+        return
+    console = stdout()
+    ref, run = report.reference, report.interrupted
+    table = Table("#", "KIND", "AIMED AT", "HIT AT STEP", "EMERGENCY SNAPSHOT", "RESUMED FROM", "STEPS REDONE",
+                  "EXIT", "STOP", "RESUME", "NOTE", title=f"run {run.run_id}: interruptions", title_justify="left")
+    for i in report.interruptions:
+        table.add_row(str(i.index), i.kind, str(i.planned_step), _dash(i.at_step),
+                      "-" if i.emergency_step is None else f"step {i.emergency_step}", _dash(i.resumed_from),
+                      _dash(i.steps_lost), _dash(i.exit_code), _seconds(i.stop_seconds), _seconds(i.resume_seconds),
+                      escape(i.note))
+    if report.interruptions:
+        console.print(table)
+    if report.components:
+        table = Table("COMPONENT", "REFERENCE SHA-256", "INTERRUPTED SHA-256", "RESULT",
+                      title="final snapshots, file by file", title_justify="left")
+        for c in report.components:
+            result = c.result if c.identical else f"[bold red]{c.result.upper()}[/]: {escape(c.detail)}"
+            table.add_row(c.component, (c.reference_sha256 or "-")[:16], (c.interrupted_sha256 or "-")[:16], result)
+        console.print(table)
+    happened = sum(i.happened for i in report.interruptions)
+    lines = [
+        f"reference:   run {ref.run_id}, " + (f"finished at step {ref.final_step} in {ref.seconds:.1f} s"
+                                              f" (first step {_seconds(ref.first_step_seconds)} after the start)"
+                                              if ref.final_step is not None else "did not finish"),
+        f"interrupted: run {run.run_id}, {run.attempts} instance(s), {happened} of {len(report.interruptions)} "
+        f"interruption(s) happened, {report.steps_lost} step(s) redone, "
+        + (f"finished at step {run.final_step} in {run.seconds:.1f} s" if run.final_step is not None
+           else "did not finish"),
+    ]
+    for line in lines:
+        console.print(line, markup=False)
+    if report.identical:
+        console.print(f"final state: [bold green]IDENTICAL[/] ({len(report.components)} component files, bitwise)")
+    else:
+        differ = [c.component for c in report.components if not c.identical]
+        verb = "differs" if len(differ) == 1 else "differ"
+        why = f": {', '.join(differ)} {verb}" if differ else (": the drill did not complete" if report.problems else "")
+        console.print(f"final state: [bold red]NOT IDENTICAL[/]{escape(why)}")
+    console.print(f"seed {report.seed} (--seed {report.seed} replays this plan)", markup=False)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s"

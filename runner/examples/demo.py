@@ -1,93 +1,236 @@
-"""The README's main job: train the example voice model, interrupt it, resume it.
+"""`runner demo`: the example voice model through a spot interruption, on a simulated EC2 instance.
 
-It runs `python -m runner.examples.voice` as a real child process against a
-local bucket folder, asks it to save and stop part-way (SIGUSR1, the same
-request the supervisor sends on a spot notice), then starts a fresh process
-in an empty working directory that resumes from the newest valid snapshot and
-finishes.  It ends with the run's snapshots and whether the resumed run ended
-bit for bit where an uninterrupted one does.
+Owns the demo's story and its narration; the machinery is the drill's
+(runner.drill.instance: an "instance" is an empty scratch directory with one
+`runner start` in it, watched through the child's progress reports).
+
+1. Instance 1 runs `runner start ... -- python -m runner.examples.voice`,
+   with the supervisor watching a local EC2 metadata simulator for spot
+   notices (`--notice-source ec2 --imds-endpoint <simulator>`).
+2. Part-way (40 % of the steps), the simulator starts answering
+   `spot/instance-action` with a termination in 120 s, as EC2 does.  The
+   supervisor sees it at its next poll, the training commits an emergency
+   snapshot at its next step, and `runner start` exits 75 ("preempted,
+   resume elsewhere").  The instance's directory is deleted.
+3. Instance 2, a fresh supervisor in a fresh empty directory with the same
+   command line, finds the newest valid snapshot in the bucket and finishes
+   the run (exit 0).
+4. For comparison, the same training runs once without interruption (run
+   `<run>-reference`, its output hidden), and the two final snapshots are
+   compared file by file.
+5. The summary: the run's snapshots (`runner ls`), where it was
+   interrupted, the emergency snapshot, the steps redone, and the verdict.
+
+The output of the supervisor ("runner: ...") and of the training ("step
+..."/"voice: ...") is shown as it happens, between "== ..." stage headers.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shutil
-import signal
-import subprocess
+import datetime as dt
 import sys
 import tempfile
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-from runner import control
+from runner import operations as ops
+from runner import terminal
+from runner.checkpoint.reader import CorruptSnapshotError, RunReader
+from runner.drill.compare import compare_final, final_snapshot, newest
+from runner.drill.instance import Instance, Watched, instance_env, local_bucket, supervisor_argv, watch
+from runner.errors import ConfigError
+from runner.notices.imds_sim import ImdsSimulator
+from runner.storage import Store
+
+NOTICE_AT = 0.4  # of the steps
+POLL_INTERVAL_S = 1.0  # how often the supervisors poll the simulator (AWS advises 5 s; runner's default is 2 s)
+PREEMPTED = 75
 
 
-def _voice(bucket: Path, run_id: str, steps: int, save_every: int, fingerprint: Path, cwd: Path,
-           extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "runner.examples.voice", "--bucket", str(bucket), "--run-id", run_id,
-           "--steps", str(steps), "--save-every-steps", str(save_every), "--fingerprint-out", str(fingerprint), *extra]
-    env = dict(os.environ)
-    env.pop(control.ENV_RESUME, None)
-    return subprocess.Popen(cmd, cwd=cwd, env=env)
+@dataclass(frozen=True)
+class DemoConfig:
+    bucket: str = "runner-bucket"
+    steps: int = 300
+    save_every_steps: int | None = None  # None: steps / 6
+    step_sleep: float = 0.0
+    reference: bool = True
 
 
-def _fingerprint(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _stage(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+class _Failed(Exception):
+    """A stage did not go as the demo expects; the message says what happened."""
+
+
+def run(cfg: DemoConfig) -> int:
+    """Run the demo; 0 when every stage went as described, 1 otherwise.
+
+    Raises ConfigError for bad settings, StorageError when the bucket cannot be used.
+    """
+    if cfg.steps < 10:
+        raise ConfigError(f"--steps {cfg.steps} is too few for the demo: use at least 10")
+    if cfg.save_every_steps is not None and cfg.save_every_steps < 1:
+        raise ConfigError("--save-every-steps must be at least 1")
+    if cfg.step_sleep < 0:
+        raise ConfigError("--step-sleep must be >= 0")
+    bucket = local_bucket(cfg.bucket)
+    store = Store(bucket)
+    store.check()
+    run_id = f"demo-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
+    reader, ref_reader = RunReader(store, run_id), RunReader(store, f"{run_id}-reference")
+    save_every = cfg.save_every_steps or max(1, cfg.steps // 6)
+    command = [sys.executable, "-m", "runner.examples.voice", "--steps", str(cfg.steps),
+               "--log-every", str(max(1, cfg.steps // 10))]  # fmt: skip
+    if cfg.step_sleep:
+        command += ["--step-sleep", str(cfg.step_sleep)]
+    demo = _Demo(bucket, run_id, reader, ref_reader, save_every, command)
+    with tempfile.TemporaryDirectory(prefix="runner-demo-") as work:
+        demo.work = Path(work)
+        try:
+            demo.story(cfg)
+        except _Failed as exc:
+            terminal.error(f"demo: {exc}")
+            return 1
+    return 0
+
+
+class _Demo:
+    def __init__(self, bucket: str, run_id: str, reader: RunReader, ref_reader: RunReader, save_every: int,
+                 command: list[str]):
+        self.bucket, self.run_id, self.reader, self.ref_reader = bucket, run_id, reader, ref_reader
+        self.save_every, self.command = save_every, command
+        self.work = Path(".")
+
+    def story(self, cfg: DemoConfig) -> None:
+        _say("== runner demo: the example voice model on a simulated EC2 spot instance")
+        _say(f"   run {self.run_id} in {self.bucket}: {cfg.steps} steps, a periodic snapshot every "
+             f"{self.save_every} steps")
+
+        stages = 4 if cfg.reference else 3
+        _stage(f"1/{stages}  instance 1 starts the training under the supervisor")
+        notice_step = max(1, int(cfg.steps * NOTICE_AT))
+        first, notice = self._instance("instance-1", self.reader, notice_step=notice_step)
+        if notice is None:
+            raise _Failed(f"the training ended (exit {first.exit_code}) before the spot notice could be sent")
+        if first.exit_code != PREEMPTED:
+            raise _Failed(f"instance 1's runner start exited {first.exit_code}, not {PREEMPTED} (preempted)")
+        emergency = newest(self.reader)
+        if emergency is None or emergency.reason.value != "emergency":
+            raise _Failed("instance 1 stopped without committing an emergency snapshot")
+        stop_s = first.seconds - (first.fired_s or 0.0)
+        _stage(f"instance 1 is gone: runner start exited {first.exit_code} (preempted, resume elsewhere) "
+               f"{stop_s:.1f} s after the notice")
+        _say(f"   emergency snapshot {emergency.snapshot_id}: step {emergency.step}")
+        ops.pin(self.reader, emergency.snapshot_id)
+        _say("   pinned it (runner pin), so that retention keeps it for the summary; the instance's disk is deleted")
+
+        _stage(f"2/{stages}  instance 2: a new machine with an empty disk runs the same command")
+        second, _ = self._instance("instance-2", self.reader, resume_step=emergency.step)
+        final = final_snapshot(self.reader)
+        if second.exit_code != 0 or final is None:
+            raise _Failed(f"instance 2's runner start exited {second.exit_code} without finishing the run")
+        _stage(f"instance 2: runner start exited 0; run {self.run_id} finished at step {final.step}")
+
+        identical = None
+        if cfg.reference:
+            _stage(f"3/{stages}  for comparison: the same training, uninterrupted (run {self.ref_reader.run_id}, "
+                   "output hidden)")
+            ref, _ = self._instance("reference", self.ref_reader, quiet=True)
+            ref_final = final_snapshot(self.ref_reader)
+            if ref.exit_code != 0 or ref_final is None:
+                raise _Failed(f"the reference run's runner start exited {ref.exit_code}{self._tail('reference')}")
+            _say(f"   finished at step {ref_final.step} in {ref.seconds:.1f} s")
+            try:
+                components = compare_final(self.ref_reader, ref_final, self.reader, final)
+            except CorruptSnapshotError as exc:
+                raise _Failed(str(exc)) from None
+            identical = [c for c in components if not c.identical]
+
+        _stage(f"{stages}/{stages}  summary of run {self.run_id}")
+        terminal.snapshots(self.run_id, ops.snapshot_rows(self.reader), as_json=False)
+        lost = (notice.reached or 0) - emergency.step
+        _say(f"   steps:        {final.step}, on 2 instances")
+        _say(f"   interrupted:  an EC2 spot notice issued at step {first.fired_step} on instance 1; the training "
+             f"committed emergency snapshot {emergency.snapshot_id} at step {emergency.step} and stopped; "
+             f"runner start exited 75 {stop_s:.1f} s after the notice")
+        _say(f"   resumed:      on instance 2 (empty disk) from step {emergency.step}, first step "
+             f"{_secs(second.first_step_s)} after it started; {max(0, lost)} step(s) redone")
+        if identical is None:
+            _say("   final state:  not compared (--no-reference)")
+        elif identical:
+            raise _Failed("the final state differs from the uninterrupted run's: "
+                          + "; ".join(f"{c.component}: {c.detail}" for c in identical))
+        else:
+            names = ", ".join(c.component for c in components)
+            _say(f"   final state:  bitwise identical to the uninterrupted run ({len(components)} files: {names})")
+
+    def _instance(self, name: str, reader: RunReader, notice_step: int | None = None, resume_step: int = 0,
+                  quiet: bool = False) -> tuple[Watched, Watched | None]:
+        """Run one instance to its end; the second value is set when the spot notice was sent."""
+        with ImdsSimulator() as sim:
+            argv = supervisor_argv(self.bucket, reader.run_id, self.command, sim.url,
+                                   save_every_steps=self.save_every, poll_interval_s=POLL_INTERVAL_S)
+            if not quiet:
+                _say(f"   EC2 metadata simulator at {sim.url}: no spot notice yet (404)")
+                _say(f"   $ runner start --bucket {self.bucket} --run-id {reader.run_id} --notice-source ec2 "
+                     f"--imds-endpoint {sim.url} --save-every-steps {self.save_every} -- "
+                     f"python -m runner.examples.voice {' '.join(self.command[3:])}")
+            # Shown: the supervisor's log and the training's output in one stream, in order.
+            log = open(self.work / f"{name}.log", "w") if quiet else None
+            sys.stdout.flush()
+            instance = Instance(argv, self.work / name, instance_env(), output=log or _stdout())
+            sent: list[bool] = []
+
+            def notice() -> None:
+                deadline = sim.schedule_spot_notice(0)
+                left = deadline - dt.datetime.now(dt.timezone.utc).timestamp()
+                _stage(f"EC2 reclaims instance 1: the simulator now answers spot/instance-action with "
+                       f"'terminate' in {left:.0f} s (the training is at step {instance.progress()})")
+                sent.append(True)
+
+            try:
+                seen = watch(instance, resume_step, notice_step, notice if notice_step else None)
+            finally:
+                instance.stop()
+                instance.remove()
+                if log is not None:
+                    log.close()
+        return seen, (seen if sent else None)
+
+    def _tail(self, name: str) -> str:
+        try:
+            lines = (self.work / f"{name}.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return f"; last output: {' | '.join(lines[-3:])}" if lines else ""
+
+
+def _stdout() -> IO[str] | None:
+    """Our stdout for the instances' output (their stderr too, so that the story reads in order);
+    None (inherit both) when it is not a real file, as under a test's capture."""
+    try:
+        sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return sys.stdout
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="runner-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--bucket", default="runner-bucket", help="local bucket folder (default: ./runner-bucket)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--save-every-steps", type=int, default=50)
-    parser.add_argument("--interrupt-after", type=float, default=None,
-                        help="seconds before the save-and-stop request (default: about 40%% of the run)")
-    args = parser.parse_args(argv)
+    """`python -m runner.examples.demo`: the same as `runner demo`."""
+    from runner.cli import main as cli_main
 
-    bucket = Path(args.bucket).resolve()
-    run_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    work = Path(tempfile.mkdtemp(prefix="runner-demo-"))
-    try:
-        print(f"== uninterrupted reference run ({args.steps} steps)", flush=True)
-        ref_dir = work / "reference"
-        ref_dir.mkdir()
-        started = time.monotonic()
-        ref = _voice(work / "ref-bucket", "reference", args.steps, args.save_every_steps, work / "ref.json", ref_dir, [])
-        if ref.wait() != 0:
-            print("the reference run failed", file=sys.stderr)
-            return 1
-        duration = time.monotonic() - started
-
-        delay = args.interrupt_after if args.interrupt_after is not None else 0.4 * duration
-        print(f"== run {run_id}: training, then a save-and-stop request after {delay:.1f} s", flush=True)
-        first_dir = work / "instance-1"
-        first_dir.mkdir()
-        first = _voice(bucket, run_id, args.steps, args.save_every_steps, work / "first.json", first_dir, [])
-        time.sleep(delay)
-        if first.poll() is None:
-            first.send_signal(signal.SIGUSR1)
-        first.wait()
-        shutil.rmtree(first_dir)  # the instance is gone: nothing local survives
-
-        print("== a new instance with an empty disk resumes the run", flush=True)
-        second_dir = work / "instance-2"
-        second_dir.mkdir()
-        second = _voice(bucket, run_id, args.steps, args.save_every_steps, work / "second.json", second_dir, [])
-        if second.wait() != 0:
-            print("the resumed run failed", file=sys.stderr)
-            return 1
-
-        ref_fp, resumed_fp = _fingerprint(work / "ref.json"), _fingerprint(work / "second.json")
-        same = bool(ref_fp) and {k: ref_fp[k] for k in ("params_sha256", "optimizer_sha256")} == {
-            k: resumed_fp.get(k) for k in ("params_sha256", "optimizer_sha256")}
-        print(f"== snapshots of {run_id} in {bucket}:", flush=True)
-        subprocess.run([sys.executable, "-m", "runner", "ls", "--bucket", str(bucket), "--run-id", run_id], check=False)
-        print(f"final state identical to the uninterrupted run: {'yes' if same else 'NO'}")
-        return 0 if same else 1
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -37,11 +37,13 @@ import hashlib
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchaudio
 from torch import Tensor, nn
@@ -394,10 +396,15 @@ def build_sovits(cfg: VoiceConfig) -> AcousticSoVITS:
 def build_workload(cfg: VoiceConfig) -> Workload:
     """Data, modules, optimizer, scheduler and batches, all determined by ``cfg.seed``.
 
-    Seeds torch's global generator (parameter init and dropout draw from it).
+    Seeds torch's global generator (parameter init and dropout draw from it),
+    and python's and numpy's too: nothing here draws from them, but the
+    Checkpointer captures every stream, and an unseeded one would make two
+    runs' RNG state differ (``runner drill`` compares it).
     """
     dataset = build_dataset(cfg)
     torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     gpt, sovits = build_gpt(cfg), build_sovits(cfg)
     optimizer = torch.optim.Adam(
         [{"params": gpt.parameters()}, {"params": sovits.parameters()}], lr=cfg.lr, betas=(0.9, 0.98)

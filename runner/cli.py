@@ -200,6 +200,14 @@ def _add_start(sub: Any) -> None:
     add_flag(p, "--lease-ttl", dest="lease_ttl_s", type=float, metavar="S",
              help=f"seconds the run's lease lasts without renewal; a replacement waits at most this long after "
                   f"an instance vanished {default('lease_ttl_s')}")
+    add_flag(p, "--restart-backoff", dest="restart_backoff_s", type=float, metavar="S",
+             help=f"first restart delay after a crash; doubles per crash {default('restart_backoff_s')}")
+    add_flag(p, "--crash-loop-limit", type=int, metavar="N",
+             help=f"crashes in a row without progress that stop the run {default('crash_loop_limit')}")
+    add_flag(p, "--sync-signal", metavar="SIG",
+             help=f"with --sync-dir: the signal that stops the child after the last sync {default('sync_signal')}")
+    add_flag(p, "--sync-settle", dest="sync_settle_s", type=float, metavar="S",
+             help=f"with --sync-dir: seconds a file must stay unchanged before it is synced {default('sync_settle_s')}")
     p.add_argument("train_command", nargs="*", metavar="COMMAND", help="the training command and its arguments, after --")
 
 
@@ -304,7 +312,8 @@ def _start(args: argparse.Namespace) -> int:
         raise ConfigError("no training command: put it after --, e.g. runner start --bucket s3://b/runs -- python train.py")
     values = {name: getattr(args, name) for name in (
         "run_id", "save_every_steps", "keep_last", "notice_source", "grace_seconds", "max_restarts",
-        "sync_dir", "imds_endpoint", "poll_interval_s", "lease_ttl_s")}
+        "sync_dir", "imds_endpoint", "poll_interval_s", "lease_ttl_s", "restart_backoff_s", "crash_loop_limit",
+        "sync_signal", "sync_settle_s")}
     config = StartConfig(bucket=args.bucket, command=list(args.train_command), storage_options=_storage_options(args),
                          **{k: v for k, v in values.items() if v is not None})
     supervise = _load("runner.supervisor.run", "supervise", "the supervisor")
@@ -358,15 +367,15 @@ def _load(module: str, name: str, what: str) -> Any:
 # -- the entry point -------------------------------------------------------------
 
 
-_FLAG_OF = {"": "settings", "command": "COMMAND", "storage_options": "--storage-option",
-            "poll_interval_s": "--poll-interval", "lease_ttl_s": "--lease-ttl"}
+# Fields whose flag is not `--<field>` (a trailing `_s`, seconds, is dropped by rule).
+_FLAG_OF = {"": "settings", "command": "COMMAND", "storage_options": "--storage-option"}
 
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else ""
-        flag = _FLAG_OF.get(field, f"--{field.replace('_', '-')}")
+        flag = _FLAG_OF.get(field, f"--{field.removesuffix('_s').replace('_', '-')}")
         return f"invalid {flag}: {first['msg']}"
     return str(exc) or type(exc).__name__
 

@@ -358,3 +358,14 @@ def test_a_local_bucket_that_does_not_exist(tmp_path, capsys):
     got, _, err = run(capsys, "ls", "--bucket", str(tmp_path / "typo"))
     assert_one_line_error(got, err, 1, "does not exist")
     assert not (tmp_path / "typo").exists()
+
+
+def test_start_flags_for_seconds_fields_name_the_flag_in_errors(capsys):
+    """Fields in seconds (`*_s`) are --flags without the suffix, in help and in errors."""
+    from runner import cli
+
+    for argv, flag in ((["--sync-settle", "-1"], "--sync-settle"), (["--restart-backoff", "-1"], "--restart-backoff"),
+                       (["--lease-ttl", "1"], "--lease-ttl"), (["--crash-loop-limit", "0"], "--crash-loop-limit")):
+        code = cli.main(["start", "--bucket", "/tmp/unused-bucket", *argv, "--", "true"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith(f"runner: error: invalid {flag}:"), err

@@ -26,6 +26,13 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SNAPSHOT_ID = re.compile(r"^\d{12}-\d{8}T\d{6}(\d{6})?-[0-9a-f]{6}$")
 
 
+def check_run_id(run_id: str) -> str:
+    """`run_id` if usable as a key prefix; ValueError (pydantic's validator contract) otherwise."""
+    if not valid_run_id(run_id):
+        raise ValueError("use letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit")
+    return run_id
+
+
 def valid_run_id(run_id: str) -> bool:
     return bool(_RUN_ID.match(run_id)) and ".." not in run_id
 

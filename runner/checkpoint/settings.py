@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from runner import control
 from runner.checkpoint import layout
@@ -16,7 +16,7 @@ class CheckpointSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bucket: str = Field(min_length=1)
-    run_id: str = "default"
+    run_id: Annotated[str, AfterValidator(layout.check_run_id)] = "default"
     save_every_steps: int = Field(default=100, ge=1)
     keep_last: int = Field(default=3, ge=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -24,13 +24,6 @@ class CheckpointSettings(BaseModel):
     control_dir: str | None = None
     async_save: bool = True
     strict: bool = True
-
-    @field_validator("run_id")
-    @classmethod
-    def _run_id(cls, value: str) -> str:
-        if not layout.valid_run_id(value):
-            raise ValueError("use letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit")
-        return value
 
     @field_validator("resume")
     @classmethod

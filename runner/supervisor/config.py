@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import signal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from runner.checkpoint import layout
 
@@ -14,7 +14,7 @@ class StartConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bucket: str = Field(min_length=1)
-    run_id: str = "default"
+    run_id: Annotated[str, AfterValidator(layout.check_run_id)] = "default"
     command: list[str] = Field(min_length=1)
     save_every_steps: int = Field(default=100, ge=1)
     keep_last: int = Field(default=3, ge=1)
@@ -38,13 +38,6 @@ class StartConfig(BaseModel):
     # How long the run's lease lasts without renewal (renewed every third of it);
     # a replacement instance waits at most this long after a holder vanished.
     lease_ttl_s: float = Field(default=60.0, ge=3)
-
-    @field_validator("run_id")
-    @classmethod
-    def _run_id(cls, value: str) -> str:
-        if not layout.valid_run_id(value):
-            raise ValueError("use letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit")
-        return value
 
     @field_validator("sync_signal", mode="before")
     @classmethod

@@ -15,7 +15,7 @@ def test_every_terminal_status_has_the_documented_exit_code():
     codes = {s: s.exit_code for s in RunStatus if s.is_terminal()}
     assert codes == {
         RunStatus.FINISHED: 0, RunStatus.ALREADY_FINISHED: 0,
-        RunStatus.PREEMPTED: 75, RunStatus.PREEMPTED_UNSAVED: 75,
+        RunStatus.PREEMPTED: 75, RunStatus.PREEMPTED_UNSAVED: 75, RunStatus.LEASE_LOST: 75,
         RunStatus.FAILED: 1, RunStatus.CRASH_LOOP: 1, RunStatus.STORAGE_FAILED: 1,
         RunStatus.CONFIG_ERROR: 2,
     }  # fmt: skip

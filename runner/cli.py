@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gc(sub)
     _add_pin(sub)
     _add_fork(sub)
+    _add_report(sub)
     _add_drill(sub)
     _add_demo(sub)
     sub.add_parser("imds-sim", help="serve a local EC2 metadata service that simulates spot notices",
@@ -208,7 +209,30 @@ def _add_start(sub: Any) -> None:
              help=f"with --sync-dir: the signal that stops the child after the last sync {default('sync_signal')}")
     add_flag(p, "--sync-settle", dest="sync_settle_s", type=float, metavar="S",
              help=f"with --sync-dir: seconds a file must stay unchanged before it is synced {default('sync_settle_s')}")
+    add_flag(p, "--scale-down-group", metavar="NAME",
+             help="the EC2 Auto Scaling group to scale to zero when the run is finished (exit 0)")
+    add_flag(p, "--price-per-hour", type=float, metavar="USD",
+             help="what this instance costs per hour, for the cost ledger (default: from EC2 / the bundled table)")
+    add_flag(p, "--on-demand-price-per-hour", type=float, metavar="USD",
+             help="the on-demand price to compare with (default: the AWS Pricing API / the bundled table)")
+    add_flag(p, "--offline-prices", action="store_true",
+             help="do not ask EC2 / the AWS Pricing API for prices: overrides and the bundled table only")
+    add_flag(p, "--heartbeat", dest="heartbeat_s", type=float, metavar="S",
+             help=f"seconds between cost-ledger heartbeats {default('heartbeat_s')}")
     p.add_argument("train_command", nargs="*", metavar="COMMAND", help="the training command and its arguments, after --")
+
+
+def _add_report(sub: Any) -> None:
+    p = _command(sub, "report", "What a run cost: segments per instance, savings against on-demand, lost work, "
+                 "checkpoint stall, goodput, cost per 1,000 steps.",
+                 "runner report --bucket s3://my-bucket/runs --run-id exp1 --format html --output exp1.html",
+                 _report, [_common(json_flag=False)])
+    add_flag(p, "--run-id", metavar="ID", help="the run (default: every run under the bucket)")
+    add_flag(p, "--format", default="table", choices=("table", "json", "csv", "html"),
+             help="output format (default: %(default)s)")
+    add_flag(p, "--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
+    add_flag(p, "--offline", action="store_true",
+             help="use the prices recorded in the ledger; do not ask EC2 for the spot price history")
 
 
 def _add_drill(sub: Any) -> None:
@@ -313,11 +337,44 @@ def _start(args: argparse.Namespace) -> int:
     values = {name: getattr(args, name) for name in (
         "run_id", "save_every_steps", "keep_last", "notice_source", "grace_seconds", "max_restarts",
         "sync_dir", "imds_endpoint", "poll_interval_s", "lease_ttl_s", "restart_backoff_s", "crash_loop_limit",
-        "sync_signal", "sync_settle_s")}
+        "sync_signal", "sync_settle_s", "scale_down_group",
+        "price_per_hour", "on_demand_price_per_hour", "heartbeat_s")}
+    if args.offline_prices:
+        values["price_lookup"] = False
     config = StartConfig(bucket=args.bucket, command=list(args.train_command), storage_options=_storage_options(args),
                          **{k: v for k, v in values.items() if v is not None})
     supervise = _load("runner.supervisor.run", "supervise", "the supervisor")
     return int(supervise(config))
+
+
+def _report(args: argparse.Namespace) -> int:
+    from runner.cost import collect, render
+
+    if args.run_id is not None:
+        ops.check_run_id(args.run_id)
+    store = ops.open_store(args.bucket, _storage_options(args))
+    reports = collect.report_runs(store, args.run_id, lookup=not args.offline)
+    if args.format == "table" and not args.output:
+        render.table(reports, terminal.stdout())
+        return EXIT_OK
+    if args.format == "table":
+        text = terminal.render_text(lambda console: render.table(reports, console))
+    elif args.format == "json":
+        text = render.to_json(reports, single=args.run_id is not None)
+    elif args.format == "csv":
+        text = render.to_csv(reports)
+    else:
+        text = render.to_html(reports)
+    if args.output:
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as exc:
+            raise ConfigError(f"cannot write --output {args.output}: {exc.strerror or exc}") from None
+        logging.getLogger("runner").info("wrote %s report to %s", args.format, args.output)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
 
 
 def _drill(args: argparse.Namespace) -> int:

@@ -21,7 +21,10 @@ by signal are answered under the id "signal".
 
 The child also reports the step it reached in `<control dir>/progress.json`
 ({"step", "time"}), at most every 0.2 s, so that the supervisor can
-say how much work a preemption without an emergency snapshot loses.
+say how much work a preemption without an emergency snapshot loses, and
+appends one line per committed snapshot to `<control dir>/commits.jsonl`
+({"snapshot_id", "step", "reason", "time", "stall_s", "write_s"}) for the
+cost ledger (training stall and upload time are known only in the child).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ SIGNAL_REQUEST_ID = "signal"
 
 _REQUEST_FILE = "request.json"
 _PROGRESS_FILE = "progress.json"
+_COMMITS_FILE = "commits.jsonl"
 _PROGRESS_EVERY_S = 0.2
 
 
@@ -146,6 +150,18 @@ class ChildChannel:
         except OSError:
             pass
 
+    def committed(self, snapshot_id: str, step: int, reason: str, stall_s: float, write_s: float) -> None:
+        """Report a committed snapshot (one appended line; best effort, never raises)."""
+        if self.dir is None:
+            return
+        line = json.dumps({"snapshot_id": snapshot_id, "step": step, "reason": reason, "time": time.time(),
+                           "stall_s": round(stall_s, 6), "write_s": round(write_s, 6)}) + "\n"
+        try:
+            with open(self.dir / _COMMITS_FILE, "a") as f:  # one short write: appends do not interleave
+                f.write(line)
+        except OSError:
+            pass
+
     def ack(self, request: Request, snapshot_id: str, step: int) -> None:
         """Answer a request. Best effort: the snapshot is committed whether or not the answer lands."""
         self._answered.add(request.id)
@@ -189,6 +205,23 @@ class SupervisorChannel:
             return int(json.loads((self.dir / _PROGRESS_FILE).read_text())["step"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+    def commits(self, offset: int = 0) -> tuple[list[dict], int]:
+        """Snapshots the child reported committed after byte `offset`, and the offset to pass next time."""
+        try:
+            with open(self.dir / _COMMITS_FILE, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except OSError:
+            return [], offset
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next call
+        out = []
+        for line in complete.splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out, offset + len(complete)
 
     def ack(self, request_id: str) -> dict | None:
         for rid in (request_id, SIGNAL_REQUEST_ID):

@@ -9,6 +9,7 @@ stable, extended rather than renamed.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import logging
 import sys
@@ -47,6 +48,13 @@ def stdout() -> Console:
     if not console.is_terminal:
         console.width = 200
     return console
+
+
+def render_text(draw: Any) -> str:
+    """What `draw(console)` prints, as plain text (for --output FILE)."""
+    console = Console(file=io.StringIO(), highlight=False, soft_wrap=True, width=200, color_system=None)
+    draw(console)
+    return console.file.getvalue()  # type: ignore[attr-defined]
 
 
 def print_json(value: Any) -> None:

@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,28 @@ def test_retention_keeps_the_newest_k_and_pinned(tmp_path: Path) -> None:
     assert all(reader.verify(m) is None for m in reader.valid_snapshots())
 
 
+def test_the_reader_fetches_each_manifest_once_yet_sees_every_change(bucket_url: str) -> None:
+    with _ckpt(bucket_url, keep_last=10, **tiny.build().components()) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step)
+    store = Store(bucket_url)
+    reader = RunReader(store, "exp")
+    fetched: list[str] = []
+    real_read = store.read_bytes
+    store.read_bytes = lambda key: fetched.append(key) or real_read(key)  # type: ignore[method-assign]
+    assert [s.valid for s in reader.statuses()] == [True, True, True]
+    assert len(fetched) == 3
+    assert [s.valid for s in reader.statuses()] == [True, True, True]
+    assert len(fetched) == 3  # manifests are immutable: parsed once
+    newest, middle, oldest = reader.snapshot_ids()
+    store.delete([layout.manifest_key("exp", newest)])  # a manifest that vanishes is gone at the next listing
+    store.write_bytes(layout.manifest_key("exp", middle), b"{}")  # one rewritten (out of protocol) is read again
+    statuses = list(reader.statuses())
+    assert [s.snapshot_id for s in statuses] == [middle, oldest]
+    assert not statuses[0].valid and "bad manifest" in str(statuses[0].problem)
+    assert statuses[1].valid and fetched[3:] == [layout.manifest_key("exp", middle)]
+
+
 def test_retention_never_deletes_the_newest_valid_snapshot(tmp_path: Path) -> None:
     bucket = str(tmp_path / "bucket")
     store = Store(bucket)
@@ -266,6 +289,115 @@ def test_periodic_save_is_async_and_commits(tmp_path: Path) -> None:
     assert stall < result.write_seconds, (stall, result.write_seconds)
     assert RunReader(ckpt.store, "exp").newest_valid().snapshot_id == result.manifest.snapshot_id
     ckpt.close()
+
+
+def _saved_model(reader: RunReader, snapshot_id: str) -> dict[str, Any]:
+    manifest = reader.load_manifest(snapshot_id)
+    return runner.checkpoint.state.deserialize(reader.read_file(manifest, manifest.file("model")))
+
+
+def test_a_capture_never_reuses_memory_lent_to_a_write_in_flight() -> None:
+    from runner.checkpoint import state
+
+    model = nn.Linear(64, 64)
+    buffers = state.HostBuffers()
+    first = state.capture({"model": model}, buffers)
+    before = first["model"]["weight"].clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    second = state.capture({"model": model}, buffers)  # the first is still out: fresh memory
+    assert torch.equal(first["model"]["weight"], before)
+    assert second["model"]["weight"].data_ptr() != first["model"]["weight"].data_ptr()
+    buffers.give_back(first)  # written: its memory may now be reused
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    third = state.capture({"model": model}, buffers)
+    assert third["model"]["weight"].data_ptr() == first["model"]["weight"].data_ptr()
+    assert torch.equal(third["model"]["weight"], model.weight.detach())
+    assert torch.equal(second["model"]["weight"], before + 1.0)
+
+
+def test_reused_capture_buffers_never_alter_a_snapshot_being_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each periodic save's data is held up; the loop updates the parameters meanwhile and saves again
+    # (periodic, then synchronous), copying into the memory of the save before. Each snapshot must
+    # hold the values of its own step.
+    from runner.checkpoint import state
+
+    bucket = str(tmp_path / "bucket")
+    parts = tiny.build(hidden=256, width=256)
+    tiny.train_step(parts)
+    gates = {1: threading.Event(), 2: threading.Event()}
+    real_write_file, real_take = Store.write_file, state.HostBuffers.take
+    reused: list[bool] = []
+
+    def gated_write_file(self: Store, key: str, local_path: str) -> None:
+        gate = gates.get(layout.step_of(key.split("/")[2]))  # <run>/data/<snapshot id>/<file>
+        if gate is not None:
+            gate.wait(10)
+        real_write_file(self, key, local_path)
+
+    def recorded_take(self: state.HostBuffers) -> Any:
+        taken = real_take(self)
+        reused.append(taken is not None)
+        return taken
+
+    monkeypatch.setattr(Store, "write_file", gated_write_file)
+    monkeypatch.setattr(state.HostBuffers, "take", recorded_take)
+    ckpt = runner.Checkpointer(bucket, "exp", save_every_steps=1, **parts.components())
+    expected: dict[int, dict[str, torch.Tensor]] = {}
+    for step in (1, 2):
+        expected[step] = {k: v.clone() for k, v in parts.model.state_dict().items()}
+        assert ckpt.step(step) is False
+        assert ckpt._writer.busy()
+        tiny.train_step(parts)  # mutates the live parameters while the write is in flight
+        threading.Timer(0.2, gates[step].set).start()  # the next save waits for it
+    expected[3] = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    ckpt.save(3)
+    assert reused == [False, True, True]  # the second and third captures copied into earlier memory
+    ckpt.close()
+    reader = RunReader(Store(bucket), "exp")
+    saved = {layout.step_of(sid): _saved_model(reader, sid) for sid in reader.snapshot_ids()}
+    assert sorted(saved) == [1, 2, 3]
+    for step, values in expected.items():
+        assert_same(saved[step], values, f"step {step}")
+    assert not any(torch.equal(expected[1][k], expected[2][k]) for k in expected[1] if k.endswith("weight"))
+
+
+def test_a_save_whose_upload_fails_commits_nothing_and_leaves_no_spool(
+        bucket_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    from runner.storage import StorageError
+
+    parts = tiny.build()
+    ckpt = _ckpt(bucket_url, **parts.components())
+    ckpt.save(1)
+    real_write_file = Store.write_file
+
+    def optimizer_fails(self: Store, key: str, local_path: str) -> None:
+        if key.endswith("/optimizer.pt"):
+            raise StorageError("the upload failed")
+        real_write_file(self, key, local_path)
+
+    monkeypatch.setattr(Store, "write_file", optimizer_fails)
+    with pytest.raises(StorageError):
+        ckpt.save(2)
+    monkeypatch.setattr(Store, "write_file", real_write_file)
+    spools = [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"runner-spool-{os.getpid()}-")]
+    assert spools == []
+    if not bucket_url.startswith(("s3:", "memory:")):
+        assert [n for _, _, names in os.walk(bucket_url) for n in names if n.startswith(".tmp-")] == []
+    reader = RunReader(ckpt.store, "exp")
+    assert [m.step for m in reader.valid_snapshots()] == [1]
+    tiny.train_step(parts)
+    ckpt.save(3)  # the failed save's memory came back: copied into, and written whole
+    ckpt.close()
+    fresh = tiny.build(seed=1)
+    with _ckpt(bucket_url, **fresh.components()) as again:
+        assert again.restore() == 3
+    assert_same(fresh.model.state_dict(), parts.model.state_dict(), "model")
+    assert_same(fresh.optimizer.state_dict(), parts.optimizer.state_dict(), "optimizer")
 
 
 def test_final_snapshot_marks_the_run_finished(tmp_path: Path) -> None:

@@ -107,6 +107,57 @@ def test_large_object_round_trips_byte_exact(store: Store) -> None:
     assert store.read_bytes("r/big.bin") == data
 
 
+def test_write_file_publishes_a_local_file_whole(store: Store, tmp_path: Path) -> None:
+    source = tmp_path / "elsewhere.bin"
+    source.write_bytes(b"from a file")
+    store.write_file("run/data/f.bin", str(source))
+    assert store.read_bytes("run/data/f.bin") == b"from a file"
+    assert source.read_bytes() == b"from a file"  # a file that is not a spool is copied, not moved
+    source.write_bytes(b"")
+    store.write_file("run/data/f.bin", str(source))  # plain writes may overwrite, empty files too
+    assert store.read_bytes("run/data/f.bin") == b""
+
+
+def test_a_spool_is_invisible_until_write_file_publishes_it(store: Store) -> None:
+    data = _blob(33 * MiB + 7, seed=3)  # S3: multipart (3 parts)
+    spool = store.spool_path("run/data/big.bin")
+    with open(spool, "wb") as f:
+        f.write(data[: len(data) // 2])
+        assert store.list() == [] and not store.exists("run/data/big.bin")  # half written: nothing to see
+        f.write(data[len(data) // 2:])
+    assert store.list() == []  # complete, not yet published
+    store.write_file("run/data/big.bin", spool)
+    Store.discard_spool(spool)
+    assert not Path(spool).exists()
+    assert [(o.key, o.size) for o in store.list()] == [("run/data/big.bin", len(data))]
+    assert store.read_bytes("run/data/big.bin") == data
+
+
+def test_an_abandoned_spool_is_never_published(store: Store) -> None:
+    spool = store.spool_path("run/data/x.bin")
+    with open(spool, "wb") as f:
+        f.write(b"half of it")
+    assert store.list() == [] and not store.exists("run/data/x.bin")
+    Store.discard_spool(spool)
+    Store.discard_spool(spool)  # already gone: not an error
+    assert store.list() == []
+
+
+def test_write_file_of_a_missing_file_publishes_nothing(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(StorageError) as info:
+        store.write_file("run/data/gone.bin", str(tmp_path / "never-written"))
+    assert isinstance(info.value, FileNotFoundError)
+    assert store.list() == []
+
+
+def test_delete_many_keys_at_once(store: Store) -> None:
+    keys = [f"r/{i:04d}" for i in range(1003)]  # S3: two DeleteObjects requests
+    for key in keys[:5]:
+        store.write_bytes(key, b"x")
+    store.delete(keys)  # most never existed: not an error
+    assert store.list("r/") == []
+
+
 # -- check(): the bucket itself ---------------------------------------------
 
 
@@ -158,7 +209,7 @@ def test_s3_failed_multipart_upload_publishes_nothing(s3_bucket_url: str, s3_env
 
     # One part per request, so part 1 is really uploaded before part 2 fails.
     store = Store(s3_bucket_url, {"max_concurrency": 1})
-    part = 50 * MiB  # s3fs's multipart chunk; objects >= 2 chunks go multipart
+    part = 50 * MiB  # >= 2 parts whatever the part size (s3fs's default 50 MiB, runner's 16 MiB)
     with pytest.raises(StorageError):
         store.write_bytes("r/big.bin", _FailsAfterFirstPart(2 * part + 1, part))  # type: ignore[arg-type]
     assert not store.exists("r/big.bin")
@@ -166,6 +217,51 @@ def test_s3_failed_multipart_upload_publishes_nothing(s3_bucket_url: str, s3_env
     bucket = s3_bucket_url.split("/")[2]
     uploads = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"]).list_multipart_uploads(Bucket=bucket)
     assert uploads.get("Uploads", []) == []
+
+
+def test_s3_write_file_failing_mid_upload_publishes_nothing(
+        s3_bucket_url: str, s3_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+    import s3fs
+
+    real = s3fs.S3FileSystem._call_s3
+
+    async def second_part_fails(self, method, *args, **kwargs):  # part 1 is really uploaded first
+        if method == "upload_part" and kwargs.get("PartNumber") == 2:
+            raise RuntimeError("the connection died half-way through the upload")
+        return await real(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", second_part_fails)
+    store = Store(s3_bucket_url, {"max_concurrency": 1})
+    spool = store.spool_path("r/big.bin")
+    Path(spool).write_bytes(_blob(40 * MiB, seed=4))
+    try:
+        with pytest.raises(StorageError):
+            store.write_file("r/big.bin", spool)
+    finally:
+        Store.discard_spool(spool)
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", real)
+    assert not store.exists("r/big.bin")
+    assert store.list() == []
+    bucket = s3_bucket_url.split("/")[2]
+    uploads = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"]).list_multipart_uploads(Bucket=bucket)
+    assert uploads.get("Uploads", []) == []
+
+
+def test_local_spools_are_temporary_siblings_swept_like_stale_uploads(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "bucket"))
+    store.check()
+    spool = Path(store.spool_path("r/data/x.bin"))
+    assert spool.parent == tmp_path / "bucket" / "r" / "data" and spool.name.startswith(".tmp-")
+    spool.write_bytes(b"a writer killed here")  # what a SIGKILL mid-serialization leaves
+    assert store.list() == []
+    assert store.abort_stale_uploads("", older_than_s=0) == 1
+    assert not (tmp_path / "bucket" / "r").exists()
+    spool = Path(store.spool_path("r/data/y.bin"))
+    spool.write_bytes(b"whole")
+    store.write_file("r/data/y.bin", str(spool))
+    assert not spool.exists()  # renamed into place: written once
+    assert [p.name for p in (tmp_path / "bucket" / "r" / "data").iterdir()] == ["y.bin"]
 
 
 _LOCAL_WRITER = """

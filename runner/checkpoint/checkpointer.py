@@ -64,6 +64,7 @@ class Checkpointer:
         self.channel = control.ChildChannel(self.settings.control_dir)
         control.install_signal_handlers()
         self._writer = BackgroundWriter(self._commit)
+        self._host_buffers = state.HostBuffers()  # the last capture's memory, lent to the writer while it writes
         self.epoch = 0
         self.metrics: dict[str, float] = {}
         self.finished = False
@@ -232,13 +233,14 @@ class Checkpointer:
             self.metrics = {k: float(v) for k, v in metrics.items()}
         _check_json(self.extra)
         started = time.perf_counter()
-        components = state.capture(self.components)
+        components = state.capture(self.components, self._host_buffers)
         parent = self.last_snapshot.snapshot_id if self.last_snapshot else None
         self._last_saved_step = step
         return PendingSnapshot(step=step, reason=reason, components=components, epoch=self.epoch,
                                parent=parent, world_size=_world_size(), metrics=dict(self.metrics),
                                extra=json.loads(json.dumps(self.extra)),
-                               capture_seconds=time.perf_counter() - started)
+                               capture_seconds=time.perf_counter() - started,
+                               release=lambda: self._host_buffers.give_back(components))
 
     def _commit(self, pending: PendingSnapshot) -> CommitResult:
         """Write, then apply retention (only after this commit succeeded)."""
@@ -247,6 +249,10 @@ class Checkpointer:
         self.last_commit = result
         log.info("run %s: committed snapshot %s (step %d, %s) in %.2fs", self.run_id, result.manifest.snapshot_id,
                  pending.step, pending.reason.value, result.write_seconds)
+        blocking = pending.reason is not Reason.PERIODIC or not self.settings.async_save
+        self.channel.committed(result.manifest.snapshot_id, pending.step, pending.reason.value,
+                               stall_s=result.capture_seconds + (result.write_seconds if blocking else 0.0),
+                               write_s=result.write_seconds)  # for the cost ledger
         try:
             retention.apply(self.reader, retention.plan(self.reader, self.policy,
                                                         protect={result.manifest.snapshot_id}))
@@ -267,8 +273,11 @@ class Checkpointer:
         return self._writer.wait()
 
     def close(self) -> None:
-        """Wait for the save in flight and release the writer thread."""
-        self._writer.close()
+        """Wait for the save in flight and release the writer thread (and the host copy kept for reuse)."""
+        try:
+            self._writer.close()
+        finally:
+            self._host_buffers.take()
 
     def __enter__(self) -> "Checkpointer":
         return self

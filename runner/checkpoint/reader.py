@@ -6,18 +6,24 @@ matches, its version is supported, it names itself, and every file it lists
 exists with the listed size.  Data is checked against its SHA-256 as it is
 read, before anything is deserialized.  Whatever fails is skipped with a
 warning that says why, and the next older snapshot is tried.
+
+Manifests are immutable, so a reader keeps the ones it has parsed (by
+snapshot id, with the size and time a listing gave them) and does not fetch
+them again while listings show them unchanged; the listing stays the
+authority on what exists, and every file check is made afresh.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from runner.checkpoint import layout
 from runner.checkpoint.manifest import FileEntry, Manifest, ManifestError
-from runner.storage import ObjectNotFoundError, Store
+from runner.storage import ObjectInfo, ObjectNotFoundError, Store
 
 log = logging.getLogger("runner.checkpoint")
 
@@ -45,28 +51,60 @@ class RunReader:
     def __init__(self, store: Store, run_id: str):
         self.store = store
         self.run_id = run_id
+        self._parsed: dict[str, tuple[ObjectInfo, Manifest]] = {}  # snapshot id -> (as listed, parsed)
+        self._lock = threading.Lock()  # the writer thread (retention) and the training thread share a reader
 
     def snapshot_ids(self) -> list[str]:
         """Ids of every manifest of the run, newest first."""
-        ids = (layout.snapshot_id_from_manifest_key(o.key) for o in self.store.list(layout.manifests_prefix(self.run_id)))
-        return sorted((i for i in ids if i), reverse=True)
+        return sorted(self._listed_manifests(), reverse=True)
 
-    def load_manifest(self, snapshot_id: str) -> Manifest:
-        """Raises ManifestError (untrustworthy) or ObjectNotFoundError."""
-        manifest = Manifest.from_bytes(self.store.read_bytes(layout.manifest_key(self.run_id, snapshot_id)))
+    def _listed_manifests(self) -> dict[str, ObjectInfo]:
+        """Snapshot id -> its manifest object, as listed now; forgets parsed manifests no longer listed."""
+        listed: dict[str, ObjectInfo] = {}
+        for o in self.store.list(layout.manifests_prefix(self.run_id)):
+            sid = layout.snapshot_id_from_manifest_key(o.key)
+            if sid:
+                listed[sid] = o
+        with self._lock:
+            self._parsed = {sid: v for sid, v in self._parsed.items() if sid in listed}
+        return listed
+
+    def load_manifest(self, snapshot_id: str, listed: ObjectInfo | None = None) -> Manifest:
+        """Raises ManifestError (untrustworthy) or ObjectNotFoundError.
+
+        `listed`: the manifest's entry in a listing just made; a manifest
+        already parsed when listed with the same size and time is not fetched again.
+        """
+        with self._lock:
+            cached = self._parsed.get(snapshot_id)
+        if cached is not None and listed is not None and cached[0] == listed:
+            return cached[1]
+        data = self.store.read_bytes(layout.manifest_key(self.run_id, snapshot_id))
+        manifest = Manifest.from_bytes(data)
         if manifest.snapshot_id != snapshot_id or manifest.run_id != self.run_id:
             raise ManifestError(
                 f"it names {manifest.run_id}/{manifest.snapshot_id}, not {self.run_id}/{snapshot_id}"
             )
+        if listed is not None:
+            with self._lock:
+                self._parsed[snapshot_id] = (listed, manifest)
         return manifest
 
     def _sizes(self) -> dict[str, int]:
-        return {o.key: o.size for o in self.store.list(layout.data_prefix(self.run_id))}
+        return {o.key: o.size for o in self.data_objects()}
 
-    def status(self, snapshot_id: str, sizes: dict[str, int] | None = None) -> SnapshotStatus:
-        """Shallow check: the manifest and the presence and size of every file."""
+    def data_objects(self) -> list[ObjectInfo]:
+        return self.store.list(layout.data_prefix(self.run_id))
+
+    def status(self, snapshot_id: str, sizes: dict[str, int] | None = None,
+               listed: ObjectInfo | None = None) -> SnapshotStatus:
+        """Shallow check: the manifest and the presence and size of every file.
+
+        `sizes` (data key -> size) and `listed` (the manifest's entry) come from
+        listings the caller just made; without them the store is asked.
+        """
         try:
-            manifest = self.load_manifest(snapshot_id)
+            manifest = self.load_manifest(snapshot_id, listed)
         except ManifestError as exc:
             return SnapshotStatus(snapshot_id, None, f"bad manifest: {exc}")
         except ObjectNotFoundError:
@@ -82,10 +120,20 @@ class RunReader:
 
     def statuses(self) -> Iterator[SnapshotStatus]:
         """Every snapshot newest first, shallow-checked with one data listing."""
-        ids = self.snapshot_ids()
-        sizes = self._sizes() if ids else {}
-        for sid in ids:
-            yield self.status(sid, sizes)
+        listed = self._listed_manifests()
+        data = self.data_objects() if listed else []
+        yield from self._statuses(listed, data)
+
+    def scan(self) -> tuple[list[SnapshotStatus], list[ObjectInfo]]:
+        """`list(statuses())` and the data listing they were checked against (retention reuses it)."""
+        listed = self._listed_manifests()
+        data = self.data_objects()  # after the manifests: a listed manifest's data was written before it
+        return list(self._statuses(listed, data)), data
+
+    def _statuses(self, listed: dict[str, ObjectInfo], data: list[ObjectInfo]) -> Iterator[SnapshotStatus]:
+        sizes = {o.key: o.size for o in data}
+        for sid in sorted(listed, reverse=True):
+            yield self.status(sid, sizes, listed[sid])
 
     def valid_snapshots(self) -> Iterator[Manifest]:
         """Shallow-valid manifests newest first; each skipped one is logged once."""
@@ -121,5 +169,5 @@ class RunReader:
         return None
 
     def pinned(self) -> set[str]:
-        keys = self.store.list(layout.pins_prefix(self.run_id))
+        keys = self.store.list(layout.pins_prefix(self.run_id), remember=False)  # usually empty
         return {k.key.rsplit("/", 1)[-1] for k in keys if layout.valid_snapshot_id(k.key.rsplit("/", 1)[-1])}

@@ -56,12 +56,12 @@ def plan(reader: RunReader, policy: KeepLastN, orphan_age_s: float = DEFAULT_ORP
     whose data is corrupt but of the right size), yet it is the one to resume.
     """
     now = time.time() if now is None else now
-    statuses = list(reader.statuses())
+    statuses, data = reader.scan()  # one data listing serves the checks and the orphan sweep
     valid = [s.manifest for s in statuses if s.valid]
     doomed = policy.to_delete(valid, reader.pinned() | set(protect))  # type: ignore[arg-type]
     with_manifest = {s.snapshot_id for s in statuses}
     newest_mtime: dict[str, float] = {}
-    for obj in reader.store.list(layout.data_prefix(reader.run_id)):
+    for obj in data:
         sid = layout.snapshot_id_from_data_key(reader.run_id, obj.key)
         if sid and sid not in with_manifest:
             newest_mtime[sid] = max(newest_mtime.get(sid, 0.0), obj.modified or now)
@@ -71,15 +71,19 @@ def plan(reader: RunReader, policy: KeepLastN, orphan_age_s: float = DEFAULT_ORP
 
 
 def apply(reader: RunReader, gc: GcPlan) -> int:
-    """Delete what the plan names; returns how many objects were deleted."""
+    """Delete what the plan names; returns how many objects were deleted.
+
+    Every doomed manifest goes first (uncommit), in one bulk delete, then all
+    their data in another (one request per 1,000 keys on S3).
+    """
     store, run = reader.store, reader.run_id
-    deleted = 0
+    manifests = [layout.manifest_key(run, m.snapshot_id) for m in gc.snapshots]
+    data = [layout.data_key(run, m.snapshot_id, f.path) for m in gc.snapshots for f in m.files]
+    store.delete(manifests)  # manifests first: uncommit
+    store.delete(data)
     for manifest in gc.snapshots:
-        store.delete([layout.manifest_key(run, manifest.snapshot_id)])  # manifest first: uncommit
-        keys = [layout.data_key(run, manifest.snapshot_id, f.path) for f in manifest.files]
-        store.delete(keys)
-        deleted += 1 + len(keys)
         log.info("retention: deleted snapshot %s (step %d)", manifest.snapshot_id, manifest.step)
+    deleted = len(manifests) + len(data)
     for sid in gc.orphans:
         keys = [o.key for o in store.list(layout.data_prefix(run, sid))]
         store.delete(keys)

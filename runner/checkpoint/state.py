@@ -6,15 +6,31 @@ the background.  Serialization is `torch.save`; deserialization is
 `torch.load(weights_only=True)`, which refuses anything but tensors and plain
 containers, so a data file from the bucket can never run code.
 
+Why host buffers are reused (`HostBuffers`): copying 500 MB into freshly
+allocated memory costs several times the copy into memory already touched
+(page faults), and that copy is the training stall.  A capture copies into the
+previous capture's tensors when a tensor's shape, dtype and strides match, and
+CUDA tensors go to pinned buffers with asynchronous copies and one synchronize.
+The buffers are lent to the writer with the capture and given back when the
+snapshot is written, so a capture never overwrites a snapshot being written:
+with the buffers out, it allocates fresh memory instead.
+
+Why `serialize_to` streams into a file: `torch.save` into `io.BytesIO` copies
+every byte under the GIL, stalling the training thread for most of the
+serialization; into a file through a small hashing writer, the file writes and
+SHA-256 of large buffers release the GIL.
+
 RNG streams (python, numpy, torch CPU, every CUDA device) are captured as an
 implicit component named `_rng`, in forms `weights_only` accepts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import random
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -70,6 +86,84 @@ def host_copy(obj: Any) -> Any:
     return obj
 
 
+class HostBuffers:
+    """The host memory of the last capture, to be copied into by the next one.
+
+    `capture(..., buffers)` takes what is here and leaves it empty; whoever
+    writes that capture calls `give_back(captured)` once it is written (or has
+    failed).  A capture that finds it empty (the first, or one while a write is
+    in flight) allocates fresh memory, so reuse can never alias a snapshot that
+    is still being written.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: dict[str, Any] | None = None
+
+    def take(self) -> dict[str, Any] | None:
+        with self._lock:
+            free, self._free = self._free, None
+            return free
+
+    def give_back(self, captured: dict[str, Any]) -> None:
+        with self._lock:
+            self._free = captured
+
+
+class _Copier:
+    """One capture's copies: into the previous capture's tensors where they fit, else fresh."""
+
+    def __init__(self) -> None:
+        self.cuda_devices: set[torch.device] = set()
+
+    def copy(self, obj: Any, old: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj, old)
+        if isinstance(obj, Mapping):
+            olds = old if isinstance(old, Mapping) else {}
+            items = ((k, self.copy(v, olds.get(k))) for k, v in obj.items())
+            return OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
+        if isinstance(obj, (list, tuple)):
+            olds = old if isinstance(old, (list, tuple)) and len(old) == len(obj) else [None] * len(obj)
+            copied = [self.copy(v, o) for v, o in zip(obj, olds)]
+            return copied if isinstance(obj, list) else tuple(copied)
+        return obj
+
+    def tensor(self, t: torch.Tensor, old: Any) -> torch.Tensor:
+        t = t.detach()
+        plain = (type(t) is torch.Tensor and t.layout == torch.strided and not t.is_quantized
+                 and not t.is_conj() and not t.is_neg())
+        cuda = plain and t.device.type == "cuda"
+        if not (plain and (cuda or t.device.type == "cpu")):
+            return t.to("cpu", copy=True)
+        if not (type(old) is torch.Tensor and old.device.type == "cpu" and old.dtype == t.dtype
+                and old.shape == t.shape and old.stride() == t.stride() and (not cuda or old.is_pinned())):
+            old = self._fresh(t) if cuda else None
+            if old is None:
+                return t.to("cpu", copy=True)
+        if cuda:
+            old.copy_(t, non_blocking=True)
+            self.cuda_devices.add(t.device)
+        else:
+            old.copy_(t)
+        return old
+
+    @staticmethod
+    def _fresh(t: torch.Tensor) -> torch.Tensor | None:
+        """A pinned host tensor laid out as `t`, or None (not dense, or pinning failed)."""
+        if not t.is_contiguous():
+            return None
+        try:
+            return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        except RuntimeError:
+            return None
+
+    def finish(self) -> None:
+        """Wait for the asynchronous device-to-host copies."""
+        for device in self.cuda_devices:
+            torch.cuda.synchronize(device)
+
+
 def capture_rng() -> dict[str, Any]:
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state(legacy=False)
@@ -106,9 +200,19 @@ def restore_rng(state: Mapping[str, Any]) -> None:
             torch.cuda.set_rng_state(rng, index)
 
 
-def capture(components: Mapping[str, Stateful]) -> dict[str, Any]:
-    """Host-memory copies of every component's state, plus the RNG streams."""
-    out = {name: host_copy(obj.state_dict()) for name, obj in components.items()}
+def capture(components: Mapping[str, Stateful], buffers: HostBuffers | None = None) -> dict[str, Any]:
+    """Host-memory copies of every component's state, plus the RNG streams.
+
+    With `buffers`, copies into the previous capture's memory where it fits
+    (see HostBuffers); the caller gives the result back once it is written.
+    """
+    if buffers is None:
+        out = {name: host_copy(obj.state_dict()) for name, obj in components.items()}
+    else:
+        old = buffers.take() or {}
+        copier = _Copier()
+        out = {name: copier.copy(obj.state_dict(), old.get(name)) for name, obj in components.items()}
+        copier.finish()
     out[RNG_COMPONENT] = capture_rng()
     return out
 
@@ -117,6 +221,30 @@ def serialize(state: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what passes through (torch.save's target)."""
+
+    def __init__(self, file: Any):
+        self.file = file
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.sha256.update(data)  # releases the GIL for buffers over 2 KiB, as the file write does
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def serialize_to(state: Any, path: str) -> tuple[int, str]:
+    """`serialize(state)` streamed into the file `path` (the same bytes); returns (size, SHA-256 hex)."""
+    with open(path, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(state, writer)
+        size = f.tell()
+    return size, writer.sha256.hexdigest()
 
 
 def deserialize(data: bytes, map_location: Any = "cpu") -> Any:

@@ -9,6 +9,16 @@ by retention once stale); a kill after it leaves a complete snapshot.
 `BackgroundWriter` runs commits on one worker thread with at most one in
 flight: the training loop pays for the host copy only.
 
+How a snapshot's data is written: the writer thread serializes one component
+after another, each streamed into a spool file while it is hashed
+(`state.serialize_to`), and hands each file to a few publishing threads
+(`Store.write_file`: an upload, or on a local store an fsync and a rename), so
+that the next component is serialized while the previous ones are uploaded.
+The first file is published before any other is handed over, so a kill at
+`mid-data` leaves exactly one data file, as when files were written one by one.
+When the data is written (or has failed), the capture's host memory is handed
+back (`PendingSnapshot.release`) for the next capture to copy into.
+
 Fault points: `RUNNER_FAULT_KILL_AT=<phase>` makes the process SIGKILL itself
 at that phase of the next save (`before-data`, `mid-data`, `before-manifest`,
 `after-manifest`); `<phase>:<n>` only in the n-th save of the process (1 is
@@ -41,6 +51,10 @@ from runner.storage import Store
 FAULT_ENV = "RUNNER_FAULT_KILL_AT"
 PHASES = ("before-data", "mid-data", "before-manifest", "after-manifest")
 
+# Data files published at once while the writer thread serializes the next component.
+# Local stores too: an fsync of the previous file overlaps the next serialization.
+_PUBLISH_THREADS = 4
+
 
 @dataclass
 class PendingSnapshot:
@@ -56,6 +70,9 @@ class PendingSnapshot:
     metrics: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     capture_seconds: float = 0.0
+    # Called once the components are no longer needed (data written, or failed):
+    # hands the capture's host memory back for reuse (state.HostBuffers).
+    release: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,13 +109,71 @@ def component_file(name: str) -> str:
     return f"{name}.pt"
 
 
-def _file_of(name: str, payload: Any) -> tuple[str, bytes]:
-    """(file name, bytes) for one component: raw bytes keep their name, state is serialized."""
-    if isinstance(payload, RawFile):
-        return payload.path, payload.data
-    if isinstance(payload, bytes):
-        return name, payload
-    return component_file(name), state.serialize(payload)
+@dataclass
+class _DataFile:
+    """One component ready to publish: its manifest entry and how to publish it."""
+
+    entry: FileEntry
+    key: str
+    data: bytes | None = None  # raw bytes, written as they are
+    spool: str | None = None  # or a spool file, published with Store.write_file
+
+    def publish(self, store: Store) -> None:
+        try:
+            if self.spool is None:
+                store.write_bytes(self.key, self.data or b"")
+            else:
+                store.write_file(self.key, self.spool)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if self.spool is not None:
+            Store.discard_spool(self.spool)
+
+
+def _prepare(store: Store, run_id: str, sid: str, name: str, payload: Any) -> _DataFile:
+    """Serialize one component (raw bytes keep their name); nothing is visible yet."""
+    if isinstance(payload, (RawFile, bytes)):
+        path, data = (payload.path, payload.data) if isinstance(payload, RawFile) else (name, payload)
+        entry = FileEntry(path=path, size=len(data), sha256=hashlib.sha256(data).hexdigest(), component=name)
+        return _DataFile(entry, layout.data_key(run_id, sid, path), data=data)
+    path = component_file(name)
+    key = layout.data_key(run_id, sid, path)
+    spool = store.spool_path(key)
+    try:
+        size, digest = state.serialize_to(payload, spool)
+    except BaseException:
+        Store.discard_spool(spool)
+        raise
+    return _DataFile(FileEntry(path=path, size=size, sha256=digest, component=name), key, spool=spool)
+
+
+def _write_data(store: Store, run_id: str, sid: str, pending: PendingSnapshot, save_number: int) -> list[FileEntry]:
+    """Serialize and publish every component; returns their manifest entries, in name order."""
+    jobs: list[tuple[_DataFile, Future[None]]] = []
+    pool = ThreadPoolExecutor(max_workers=_PUBLISH_THREADS, thread_name_prefix="runner-publish")
+    try:
+        for index, (name, payload) in enumerate(sorted(pending.components.items())):
+            data = _prepare(store, run_id, sid, name, payload)
+            try:
+                if index == 1:
+                    jobs[0][1].result()  # the first file is out before the others start
+                    _fault("mid-data", save_number)
+                jobs.append((data, pool.submit(data.publish, store)))
+            except BaseException:
+                data.discard()
+                raise
+        for _, future in jobs:
+            future.result()
+    except BaseException:
+        for data, future in jobs:  # a failed save: publish no more (what is out stays invisible)
+            if future.cancel():
+                data.discard()
+        raise
+    finally:
+        pool.shutdown(wait=True)  # nothing is publishing once this returns or raises
+    return [data.entry for data, _ in jobs]
 
 
 def write_snapshot(store: Store, run_id: str, pending: PendingSnapshot,
@@ -112,14 +187,12 @@ def write_snapshot(store: Store, run_id: str, pending: PendingSnapshot,
     started = time.perf_counter()
     sid = layout.new_snapshot_id(pending.step)
     save_number = next(_saves)
-    files: list[FileEntry] = []
-    _fault("before-data", save_number)
-    for index, (name, payload) in enumerate(sorted(pending.components.items())):
-        if index == 1:
-            _fault("mid-data", save_number)
-        path, data = _file_of(name, payload)
-        store.write_bytes(layout.data_key(run_id, sid, path), data)
-        files.append(FileEntry(path=path, size=len(data), sha256=hashlib.sha256(data).hexdigest(), component=name))
+    try:
+        _fault("before-data", save_number)
+        files = _write_data(store, run_id, sid, pending, save_number)
+    finally:
+        if pending.release is not None:
+            pending.release()
     _fault("before-manifest", save_number)
     if fence is not None:
         fence()

@@ -38,6 +38,14 @@ class StartConfig(BaseModel):
     # How long the run's lease lasts without renewal (renewed every third of it);
     # a replacement instance waits at most this long after a holder vanished.
     lease_ttl_s: float = Field(default=60.0, ge=3)
+    # Cost ledger (runner/cost): prices override what the metadata service and AWS say.
+    price_per_hour: float | None = Field(default=None, ge=0)
+    on_demand_price_per_hour: float | None = Field(default=None, ge=0)
+    price_lookup: bool = True  # ask EC2 / the Pricing API on EC2 (else the bundled table only)
+    heartbeat_s: float = Field(default=60.0, ge=0.5, le=600)  # ledger heartbeats; a hard kill ends at the last
+    cost_log_interval_s: float = Field(default=300.0, ge=1)  # the live "cost so far" line
+    # The EC2 Auto Scaling group to scale to zero once the run is finished (scale_down.py).
+    scale_down_group: str | None = None
 
     @field_validator("sync_signal", mode="before")
     @classmethod

@@ -47,11 +47,13 @@ from runner import control
 from runner.lease import ENV_LEASE_GENERATION
 from runner.checkpoint.manifest import Manifest, Reason
 from runner.checkpoint.reader import RunReader
+from runner.cost.hook import CostHook, NoCostHook
 from runner.notices import Notice, NoticeKind
 from runner.storage import StorageError, Store, UnsupportedURLError
 from runner.supervisor.child import Child, ChildExit, ChildStartError, Reaper, become_subreaper, child_env, new_control_dir
 from runner.supervisor.config import StartConfig
 from runner.supervisor.leasing import LEASE_LOST, LeaseKeeper
+from runner.supervisor import scale_down
 from runner.supervisor.policy import CrashTracker, RestartPolicy, StopPlan
 from runner.supervisor.status import RunStatus
 from runner.supervisor.syncdir import DirSync, SyncDirError
@@ -81,6 +83,7 @@ def supervise(config: StartConfig) -> int:
         log.info("exit %d (%s): crashes %d, restarts %d, preemptions %d, proactive saves %d", code, status.value,
                  supervisor.tracker.crashes, supervisor.tracker.restarts, supervisor.preemptions,
                  supervisor.proactive_saves)
+        scale_down.after_run(config.scale_down_group, status in (RunStatus.FINISHED, RunStatus.ALREADY_FINISHED))
         return code
 
 
@@ -106,11 +109,13 @@ class Supervisor:
         self._ack_at: float | None = None  # epoch time the emergency ack was seen
         self.sync: DirSync | None = None  # directory-sync mode
         self.lease: LeaseKeeper | None = None
+        self.cost: CostHook | NoCostHook = NoCostHook()  # the cost ledger (runner/cost/hook.py)
 
     # -- the whole run ------------------------------------------------------------
 
     def run(self) -> RunStatus:
         self.status = self._run()
+        self.cost.end(self.status.value, int(self.status.exit_code), self._last_progress)
         return self.status
 
     def _run(self) -> RunStatus:
@@ -149,6 +154,7 @@ class Supervisor:
                 return self._storage_failed(exc, at_start=True)
             self.reaper = Reaper(reap_all=become_subreaper())
             cloud = CloudWatcher(planned, cfg.poll_interval_s, self.events).start()
+            self._start_cost(store, newest, cloud)
             try:
                 return self._loop(newest)
             except StorageError as exc:
@@ -190,6 +196,7 @@ class Supervisor:
             if not decision.restart:
                 log.error("%s", decision.reason)
                 return decision.status or RunStatus.FAILED
+            self.cost.crash(self._last_progress, self._step(newest), outcome.returncode)
             log.info("restart %d/%d in %.1f s, from %s", self.tracker.restarts, self.config.max_restarts,
                      decision.delay_s, _describe(newest))
             stopped = self._backoff(decision.delay_s, newest)
@@ -242,6 +249,7 @@ class Supervisor:
         progress = child.channel.progress()
         if progress is not None:
             self._last_progress = progress
+        self.cost.drain(child.channel)  # before cleanup removes the control folder
         child.kill_stragglers()
         child.cleanup()
         self._pending_save = None
@@ -319,7 +327,11 @@ class Supervisor:
         if ack is None:
             ack = child.channel.ack(request_id)  # written just before it ended
         self._end_child(child)
-        return self._preempted(ack, notice)
+        status = self._preempted(ack, notice)
+        self.cost.emergency(self._ack_at - notice.received_at if ack is not None and self._ack_at else None,
+                            ack.get("step") if ack else None, ack.get("snapshot_id") if ack else None,
+                            committed=status is not RunStatus.PREEMPTED_UNSAVED)
+        return status
 
     def _wait_ack(self, child: Child, request_id: str) -> dict | None:
         while True:
@@ -516,6 +528,22 @@ class Supervisor:
     @staticmethod
     def _step(manifest: Manifest | None) -> int:
         return manifest.step if manifest is not None else 0
+
+    # -- the cost ledger (the logic is in runner/cost/hook.py) -------------------------
+
+    def _start_cost(self, store: Store, newest: Manifest | None, cloud: CloudWatcher) -> None:
+        cfg = self.config
+
+        def progress() -> int | None:
+            child = self.child
+            step = child.channel.progress() if child is not None else None
+            return step if step is not None else self._last_progress
+
+        self.cost = CostHook(store, cfg.run_id, heartbeat_s=cfg.heartbeat_s, log_every_s=cfg.cost_log_interval_s,
+                             price_per_hour=cfg.price_per_hour, on_demand_price_per_hour=cfg.on_demand_price_per_hour,
+                             price_lookup=cfg.price_lookup, source=lambda: cloud.source)
+        self.cost.start(self._step(newest), newest.snapshot_id if newest else None, progress=progress,
+                        channel=lambda: self.child.channel if self.child is not None else None)
 
     # -- directory-sync mode (the logic is in syncdir.py) ------------------------------
 

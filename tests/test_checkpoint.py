@@ -552,3 +552,22 @@ def test_an_ack_into_a_missing_control_dir_does_not_crash_training(tmp_path, mon
     assert (gone / "ack-signal.json").exists()
     assert len(ckpt.reader.snapshot_ids()) == 1
     ckpt.close()
+
+
+def test_keep_host_copy_off_still_saves_and_restores(tmp_path):
+    import torch
+
+    import runner
+
+    model = torch.nn.Linear(3, 3)
+    ckpt = runner.Checkpointer(str(tmp_path / "b"), run_id="r", save_every_steps=1, keep_host_copy=False, model=model)
+    assert ckpt._host_buffers is None
+    ckpt.step(1)
+    ckpt.wait()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ckpt.step(2)
+    ckpt.close()
+    fresh = torch.nn.Linear(3, 3)
+    assert runner.Checkpointer(str(tmp_path / "b"), run_id="r", model=fresh).restore() == 2
+    assert torch.equal(fresh.weight, model.weight)

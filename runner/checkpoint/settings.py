@@ -24,6 +24,9 @@ class CheckpointSettings(BaseModel):
     control_dir: str | None = None
     async_save: bool = True
     strict: bool = True
+    # Keep the host copy of the state between saves and copy into it (faster
+    # stalls); turn off when the state is too large to hold twice in host memory.
+    keep_host_copy: bool = True
 
     @field_validator("resume")
     @classmethod

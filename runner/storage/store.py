@@ -299,7 +299,7 @@ class Store:
     def _local_write(self, path: str, data: bytes, exclusive: bool) -> None:
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
+        tmp = os.path.join(folder, f"{_TMP_PREFIX}{uuid.uuid4().hex}")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -319,20 +319,10 @@ class Store:
         Raises ObjectNotFoundError when `src` is gone.
         """
         if self.is_local:
-            self._call(self._local_copy, self.path(src), self.path(dst), key=dst)
+            # A key is never a spool file, so publishing it copies it beside dst first.
+            self._call(self._local_publish, self.path(src), self.path(dst), key=dst)
         else:
             self._call(self.fs.copy, self.path(src), self.path(dst), key=dst)
-
-    def _local_copy(self, src: str, dst: str) -> None:
-        folder = os.path.dirname(dst)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
-        try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     def size(self, key: str) -> int:
         info = self._call(self.fs.info, self.path(key), key=key)
@@ -364,7 +354,7 @@ class Store:
         out = []
         for path, info in found.items():
             name = os.path.basename(path.rstrip("/"))
-            if info.get("type") == "directory" or name.startswith(".tmp-"):
+            if info.get("type") == "directory" or name.startswith(_TMP_PREFIX):
                 continue
             out.append(ObjectInfo(self._key(path), int(info.get("size") or 0), _mtime(info)))
         return sorted(out, key=lambda o: o.key)
@@ -436,7 +426,7 @@ class Store:
             for name in names:
                 path = os.path.join(folder, name)
                 try:
-                    if name.startswith(".tmp-") and os.stat(path).st_mtime <= cutoff_s:
+                    if name.startswith(_TMP_PREFIX) and os.stat(path).st_mtime <= cutoff_s:
                         os.unlink(path)
                         removed += 1
                         folders.add(folder)

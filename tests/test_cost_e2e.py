@@ -1,8 +1,8 @@
 """The ledger written by real supervised runs (a local folder, and moto's S3 with a simulated EC2 spot
 instance), and `runner report` on it in every format.
 
-Chromium is not installed here, so the HTML is checked structurally (one self-contained document with
-the timeline and cost charts as inline SVG and the totals table), not rendered.
+Here the HTML is checked structurally (one self-contained document with the timeline and cost charts
+as inline SVG and the totals table); test_cost_html_browser.py renders it in headless Chromium.
 """
 
 from __future__ import annotations

@@ -102,4 +102,5 @@ def test_start_prices_overrides_table_and_unknown() -> None:
 def test_the_bundled_table_is_dated_and_sourced() -> None:
     table = pricing.bundled_table()
     assert table["source"] and dt.date.fromisoformat(table["date"])
+    assert table["checked"]["against"] and all(s["what"] and s["states"] for s in table["checked"]["against"])
     assert all(isinstance(v, float) and v > 0 for v in table["on_demand"].values())

@@ -1,7 +1,9 @@
 """How a cost report looks: a rich table, JSON (stable field names), CSV of segments, self-contained HTML.
 
 The HTML is one file with no external resources: the charts are inline SVG
-drawn here (no plotting dependency), the numbers are plain HTML tables.
+drawn here (no plotting dependency), the numbers are plain HTML tables.  The
+charts shrink to fit a narrow window; the wide segments table scrolls instead
+of the page (tests/test_cost_html_browser.py measures both in Chromium).
 """
 
 from __future__ import annotations
@@ -119,10 +121,12 @@ def to_html(reports: Sequence[Report]) -> str:
         parts.append("</table>")
         parts.append(_timeline_svg(r))
         parts.append(_cost_svg(r))
-        parts.append('<table class="segments"><tr>' + "".join(f"<th>{h}</th>" for h in SEGMENT_HEADERS) + "</tr>")
+        # A narrow window scrolls the wide segments table, not the page.
+        parts.append('<div class="scroll"><table class="segments"><tr>' +
+                     "".join(f"<th>{h}</th>" for h in SEGMENT_HEADERS) + "</tr>")
         for s in r.segments:
             parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _segment_cells(s)) + "</tr>")
-        parts.append("</table></section>")
+        parts.append("</table></div></section>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -188,8 +192,9 @@ def _cost_svg(r: Report) -> str:
         f'<svg class="cost" id="cost-chart" xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{h}" '
         f'viewBox="0 0 {_W} {h}" role="img"><title>cumulative cost against on-demand</title>',
         f'<line x1="{_LEFT}" x2="{_W - _RIGHT}" y1="{y(0):.1f}" y2="{y(0):.1f}" stroke="#888"/>',
-        f'<path class="on-demand" d="{path(2)}" fill="none" stroke="#E8A14C" stroke-dasharray="6 4" stroke-width="2"/>',
+        # The dashed on-demand line goes on top: where both are equal (no spot price known) it still shows.
         f'<path class="actual" d="{path(1)}" fill="none" stroke="#2E86C1" stroke-width="2.5"/>',
+        f'<path class="on-demand" d="{path(2)}" fill="none" stroke="#E8A14C" stroke-dasharray="6 4" stroke-width="2"/>',
         f'<text x="4" y="{y(peak) + 4:.1f}" font-size="11">{money(peak)}</text>',
         f'<text x="4" y="{y(0):.1f}" font-size="11">$0</text>',
         f'<text x="{_LEFT + 10}" y="{h - 22}" font-size="11" fill="#2E86C1">paid {money(r.total_cost_usd)}</text>',
@@ -200,4 +205,5 @@ def _cost_svg(r: Report) -> str:
 
 _CSS = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}"
         "th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;font-size:13px}th{background:#f4f4f4}"
-        "svg{display:block;margin:1em 0;border:1px solid #eee}")
+        "svg{display:block;margin:1em 0;border:1px solid #eee;max-width:100%;height:auto}"
+        ".scroll{overflow-x:auto}.segments td{white-space:nowrap}.segments td:last-child{white-space:normal}")

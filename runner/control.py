@@ -19,6 +19,13 @@ The child answers with `<control dir>/ack-<id>.json` ({"id", "snapshot_id",
 "step"}), written atomically after the snapshot is committed.  Requests made
 by signal are answered under the id "signal".
 
+In a torchrun job spanning several machines, a notice reaches the ranks of
+one machine only; they carry it to all ranks at the next step boundary, and
+every rank saves the same step and stops.  The ranks whose supervisor asked
+for nothing write `<control dir>/peer-stopped.json` ({"snapshot_id", "step"})
+instead of an ack, so that their supervisor knows the job stopped for a
+peer machine's notice, with a committed snapshot, and not because it finished.
+
 The child also reports the step it reached in `<control dir>/progress.json`
 ({"step", "time"}), at most every 0.2 s, so that the supervisor can
 say how much work a preemption without an emergency snapshot loses, and
@@ -57,6 +64,7 @@ SIGNAL_REQUEST_ID = "signal"
 _REQUEST_FILE = "request.json"
 _PROGRESS_FILE = "progress.json"
 _COMMITS_FILE = "commits.jsonl"
+_PEER_STOPPED_FILE = "peer-stopped.json"
 _PROGRESS_EVERY_S = 0.2
 
 
@@ -176,6 +184,17 @@ class ChildChannel:
             logging.getLogger("runner.control").warning("could not acknowledge request %s: %s", request.id, exc)
 
 
+    def peer_stopped(self, snapshot_id: str, step: int) -> None:
+        """Say that the job stopped for another machine's notice after committing `snapshot_id` (best effort)."""
+        self._stopped = True
+        if self.dir is None:
+            return
+        try:
+            _write_atomic(self.dir / _PEER_STOPPED_FILE, {"snapshot_id": snapshot_id, "step": step})
+        except OSError as exc:
+            logging.getLogger("runner.control").warning("could not report the stop for a peer: %s", exc)
+
+
 def reset_for_tests() -> None:
     """Clear the process-wide request flags (tests that run several loops in one process)."""
     _stop.clear()
@@ -222,6 +241,13 @@ class SupervisorChannel:
             except ValueError:
                 continue
         return out, offset + len(complete)
+
+    def peer_stopped(self) -> dict | None:
+        """What the child said when the job stopped for another machine's notice, or None."""
+        try:
+            return json.loads((self.dir / _PEER_STOPPED_FILE).read_text())
+        except (OSError, ValueError):
+            return None
 
     def ack(self, request_id: str) -> dict | None:
         for rid in (request_id, SIGNAL_REQUEST_ID):

@@ -63,6 +63,11 @@ class Checkpointer:
         self.policy = retention.KeepLastN(self.settings.keep_last)
         self.channel = control.ChildChannel(self.settings.control_dir)
         control.install_signal_handlers()
+        # In a torch.distributed job every rank saves the same step, sharded (checkpoint/sharded.py).
+        self._group = _job_group()
+        # One process per machine reports progress and commits to the supervisor (torchrun's local rank 0).
+        self._reports = os.environ.get("LOCAL_RANK", "0") == "0"
+        self._stopped = False  # an agreed stop was saved: every rank stops
         self._writer = BackgroundWriter(self._commit)
         # The last capture's memory, lent to the writer while it writes and copied
         # into by the next capture: a 3-4x shorter stall, for one host copy of the state kept.
@@ -100,23 +105,57 @@ class Checkpointer:
         target = snapshot or self.settings.resume
         if target == "none":
             return 0
-        for manifest in self._candidates(target, named=snapshot is not None):
-            try:
-                states = self._read_states(manifest)
-            except (CorruptSnapshotError, state.UnsafeDataError) as exc:
-                # Not StorageError: a store that keeps failing says nothing about this snapshot,
-                # and falling back (to step 0 at the end) would silently discard the run.
-                if snapshot is not None:
-                    raise SnapshotNotFoundError(f"snapshot {manifest.snapshot_id} is unusable: {exc}") from None
-                log.warning("snapshot %s (step %d) is unusable (%s); trying the previous one",
-                            manifest.snapshot_id, manifest.step, exc)
-                continue
-            self._apply(manifest, states)
-            return manifest.step
-        if snapshot is not None:
+        named = snapshot is not None
+        leader = self._group is None or self._group.is_coordinator
+        candidates = self._candidates(target, named) if leader else iter(())
+        while (manifest := self._next_candidate(candidates)) is not None:
+            problem = self._load(manifest)
+            if problem is None:
+                return manifest.step
+            # Not StorageError: a store that keeps failing says nothing about this snapshot,
+            # and falling back (to step 0 at the end) would silently discard the run.
+            if named:
+                raise SnapshotNotFoundError(f"snapshot {manifest.snapshot_id} is unusable: {problem}")
+            log.warning("snapshot %s (step %d) is unusable (%s); trying the previous one",
+                        manifest.snapshot_id, manifest.step, problem)
+        if named:
             raise SnapshotNotFoundError(f"no valid snapshot {snapshot} in run {self.run_id}")
         log.info("run %s: no snapshot yet, starting fresh", self.run_id)
         return 0
+
+    def _next_candidate(self, candidates) -> Manifest | None:
+        """The next snapshot to try; in a job, rank 0's choice on every rank (all must load the same one)."""
+        if self._group is None:
+            return next(candidates, None)
+        choice: tuple[str, Any] = ("end", None)
+        if self._group.is_coordinator:
+            try:
+                manifest = next(candidates, None)
+                choice = ("try", manifest.snapshot_id) if manifest is not None else ("end", None)
+            except Exception as exc:  # the other ranks wait for an answer: give them the error
+                choice = ("raise", exc)
+        kind, value = self._group.broadcast(choice)
+        if kind == "raise":
+            raise value
+        return self.reader.load_manifest(value) if kind == "try" else None
+
+    def _load(self, manifest: Manifest) -> str | None:
+        """Load one snapshot, either layout; None when loaded, else why not (agreed by every rank)."""
+        problem = None
+        try:
+            if manifest.sharded:
+                from runner.checkpoint import sharded
+
+                group = self._group or sharded.Group(local=True)
+                sharded.load(self.reader, manifest, group, self.components, self.settings.strict)
+                self._adopt(manifest)
+            else:
+                self._apply(manifest, self._read_states(manifest))
+        except (CorruptSnapshotError, state.UnsafeDataError) as exc:
+            problem = str(exc)
+        if self._group is not None and self._group.agree(int(problem is not None)) and problem is None:
+            problem = "another rank could not load it"
+        return problem
 
     def _candidates(self, target: str, named: bool):
         if target != "latest":
@@ -153,6 +192,10 @@ class Checkpointer:
             if not report.clean:
                 log.warning("component %r restored non-strictly; left at initialization: %s", name, report.describe())
             self.load_reports[name] = report
+        self._adopt(manifest)
+
+    def _adopt(self, manifest: Manifest) -> None:
+        """Take the restored snapshot's step, epoch, metrics and extras."""
         self.extra.clear()
         self.extra.update(manifest.extra)
         self.epoch, self.metrics = manifest.epoch, dict(manifest.metrics)
@@ -179,8 +222,11 @@ class Checkpointer:
             return True
 
     def _step(self, step: int, epoch: int | None, metrics: dict[str, float] | None) -> bool:
-        self.channel.progress(step)
+        if self._reports:
+            self.channel.progress(step)
         request = self.channel.poll()
+        if self._group is not None:
+            return self._step_agreed(step, epoch, metrics, request)
         if request is not None:
             reason = Reason.EMERGENCY if request.action == control.STOP else Reason.MANUAL
             result = self.save(step, epoch=epoch, metrics=metrics, reason=reason)
@@ -191,6 +237,39 @@ class Checkpointer:
         if self._due(step):
             self._save_async(step, epoch, metrics)
         return False
+
+    def _step_agreed(self, step: int, epoch: int | None, metrics: dict[str, float] | None,
+                     request: control.Request | None) -> bool:
+        """A job's step boundary: one tiny all-reduce, so that every rank saves (and stops) at the same step.
+
+        A notice reaches the ranks of one machine; the vote carries it to
+        every rank of every machine.  After an agreed stop, the ranks that had
+        no request of their own tell their supervisor that the job stopped
+        for a peer (control.ChildChannel.peer_stopped).
+        """
+        if self._stopped:
+            return True
+        stop = (request is not None and request.action == control.STOP) or control.preemption_requested()
+        agreed = self._group.agree(_STOP if stop else _SAVE if request is not None else _GO)
+        if agreed == _GO:
+            if self._due(step):
+                self._save_periodic_now(step, epoch, metrics)
+            return False
+        result = self.save(step, epoch=epoch, metrics=metrics,
+                           reason=Reason.EMERGENCY if agreed == _STOP else Reason.MANUAL)
+        request = request or self.channel.poll()  # a signal that reached this rank during the save
+        if request is not None:
+            self.channel.ack(request, result.manifest.snapshot_id, step)
+        elif agreed == _STOP:
+            self.channel.peer_stopped(result.manifest.snapshot_id, step)
+        self._stopped = agreed == _STOP
+        return self._stopped
+
+    def _save_periodic_now(self, step: int, epoch: int | None, metrics: dict[str, float] | None) -> None:
+        try:
+            self.save(step, epoch=epoch, metrics=metrics, reason=Reason.PERIODIC)
+        except StorageError as exc:  # every rank gets the same error: all go on
+            log.warning("periodic save at step %d failed (%s); training goes on", step, exc)
 
     def _due(self, step: int) -> bool:
         # Periodic saves land on multiples of the interval, whatever emergency
@@ -217,8 +296,11 @@ class Checkpointer:
         except StorageError as exc:
             log.warning("the previous periodic save failed (%s); saving again now", exc)
         chosen = Reason.FINAL if final else Reason(reason or Reason.MANUAL)
-        result = self._commit(self._capture(step, epoch, metrics, chosen))
-        if pin:
+        if self._group is not None:
+            result = self._commit_sharded(step, epoch, metrics, chosen)
+        else:
+            result = self._commit(self._capture(step, epoch, metrics, chosen))
+        if pin and (self._group is None or self._group.is_coordinator):
             self.pin(result.manifest.snapshot_id)
         if final:
             self.finished = True
@@ -229,20 +311,23 @@ class Checkpointer:
         self.store.write_bytes(layout.pin_key(self.run_id, snapshot_id), b"")
 
     def _capture(self, step: int, epoch: int | None, metrics: dict[str, float] | None, reason: Reason) -> PendingSnapshot:
+        _check_json(self.extra)
+        started = time.perf_counter()
+        components = state.capture(self.components, self._host_buffers)
+        self._last_saved_step = step
+        return self._pending(step, epoch, metrics, reason, components, time.perf_counter() - started)
+
+    def _pending(self, step: int, epoch: int | None, metrics: dict[str, float] | None, reason: Reason,
+                 components: dict[str, Any], capture_seconds: float) -> PendingSnapshot:
         if epoch is not None:
             self.epoch = int(epoch)
         if metrics:
             self.metrics = {k: float(v) for k, v in metrics.items()}
-        _check_json(self.extra)
-        started = time.perf_counter()
-        components = state.capture(self.components, self._host_buffers)
         parent = self.last_snapshot.snapshot_id if self.last_snapshot else None
-        self._last_saved_step = step
         return PendingSnapshot(step=step, reason=reason, components=components, epoch=self.epoch,
                                parent=parent, world_size=_world_size(), metrics=dict(self.metrics),
-                               extra=json.loads(json.dumps(self.extra)),
-                               capture_seconds=time.perf_counter() - started,
-                               release=self._releaser(components))
+                               extra=json.loads(json.dumps(self.extra)), capture_seconds=capture_seconds,
+                               sharded=self._group is not None, release=self._releaser(components))
 
     def _releaser(self, components: dict[str, Any]):
         buffers = self._host_buffers
@@ -251,20 +336,46 @@ class Checkpointer:
     def _commit(self, pending: PendingSnapshot) -> CommitResult:
         """Write, then apply retention (only after this commit succeeded)."""
         result = write_snapshot(self.store, self.run_id, pending, fence=self._fence)
-        self.last_snapshot = result.manifest
-        self.last_commit = result
-        log.info("run %s: committed snapshot %s (step %d, %s) in %.2fs", self.run_id, result.manifest.snapshot_id,
-                 pending.step, pending.reason.value, result.write_seconds)
         blocking = pending.reason is not Reason.PERIODIC or not self.settings.async_save
-        self.channel.committed(result.manifest.snapshot_id, pending.step, pending.reason.value,
-                               stall_s=result.capture_seconds + (result.write_seconds if blocking else 0.0),
-                               write_s=result.write_seconds)  # for the cost ledger
+        self._committed(result, blocking)
+        return result
+
+    def _commit_sharded(self, step: int, epoch: int | None, metrics: dict[str, float] | None,
+                        reason: Reason) -> CommitResult:
+        """Every rank: save this step's shards; rank 0 commits (checkpoint/sharded.py). Blocks training."""
+        from runner.checkpoint import sharded
+        from runner.checkpoint.writer import next_save_number
+
+        _check_json(self.extra)
+        started = time.perf_counter()
+        self._last_saved_step = step  # a failed periodic save is tried again at the next interval
+        pending = self._pending(step, epoch, metrics, reason, components={}, capture_seconds=0.0)
+        manifest = sharded.save(self.store, self.run_id, self._group, self.components, pending,
+                                next_save_number(), fence=self._fence)
+        elapsed = time.perf_counter() - started
+        result = CommitResult(manifest, capture_seconds=0.0, write_seconds=elapsed)
+        self._committed(result, blocking=True, leader=self._group.is_coordinator)
+        return result
+
+    def _committed(self, result: CommitResult, blocking: bool, leader: bool = True) -> None:
+        """Record a commit, report it to the supervisor, and apply retention (the leader only)."""
+        manifest = result.manifest
+        self.last_snapshot = manifest
+        self.last_commit = result
+        self._last_saved_step = manifest.step
+        log.info("run %s: committed snapshot %s (step %d, %s) in %.2fs", self.run_id, manifest.snapshot_id,
+                 manifest.step, manifest.reason.value, result.write_seconds)
+        if self._reports:
+            self.channel.committed(manifest.snapshot_id, manifest.step, manifest.reason.value,
+                                   stall_s=result.capture_seconds + (result.write_seconds if blocking else 0.0),
+                                   write_s=result.write_seconds)  # for the cost ledger
+        if not leader:
+            return
         try:
             retention.apply(self.reader, retention.plan(self.reader, self.policy,
-                                                        protect={result.manifest.snapshot_id}))
+                                                        protect={manifest.snapshot_id}))
         except StorageError as exc:
             log.warning("retention skipped: %s", exc)
-        return result
 
     def _fence(self) -> None:
         """Refuse to commit once another instance holds a newer lease on the run (see runner.lease)."""
@@ -331,6 +442,19 @@ def _check_json(extra: dict[str, Any]) -> None:
         json.dumps(extra)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"extra= must hold JSON-able values only: {exc}") from None
+
+
+_GO, _SAVE, _STOP = 0, 1, 2  # a rank's vote at a step boundary; the largest wins
+
+
+def _job_group() -> Any:
+    """The job's ranks (sharded.Group) in a torch.distributed job, else None."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    from runner.checkpoint import sharded
+
+    return sharded.Group()
 
 
 def _world_size() -> int:

@@ -13,13 +13,16 @@ import hashlib
 import json
 import re
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 FORMAT = "runner.snapshot"
 FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = {1}
+# Version 2: `layout` may be "sharded" (torch.distributed.checkpoint shards, see
+# checkpoint/sharded.py); a runner that knows only 1 says "upgrade" instead of misreading one.
+SHARDED_FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = {1, 2}
 
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 
@@ -68,6 +71,7 @@ class Manifest(BaseModel):
     parent: str | None = None
     forked_from: str | None = None
     world_size: int = Field(default=1, ge=1)
+    layout: Literal["single", "sharded"] = "single"
     versions: dict[str, str] = Field(default_factory=dict)
     files: list[FileEntry]
     metrics: dict[str, float] = Field(default_factory=dict)
@@ -79,21 +83,29 @@ class Manifest(BaseModel):
         return self.reason is Reason.FINAL
 
     @property
+    def sharded(self) -> bool:
+        return self.layout == "sharded"
+
+    @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
     def file(self, component: str) -> FileEntry | None:
         return next((f for f in self.files if f.component == component), None)
 
+    def _dump(self, exclude: set[str]) -> dict[str, Any]:
+        # A single-file snapshot's manifest stays exactly version 1 (no `layout`), so older runners read it.
+        return self.model_dump(mode="json", exclude=exclude if self.sharded else exclude | {"layout"})
+
     def _body(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"body_sha256"})
+        return self._dump({"body_sha256"})
 
     def sealed(self) -> "Manifest":
         """This manifest with `body_sha256` filled in."""
         return self.model_copy(update={"body_sha256": _digest(self._body())})
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.sealed().model_dump(mode="json"), indent=1, sort_keys=True).encode()
+        return json.dumps(self.sealed()._dump(set()), indent=1, sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Manifest":

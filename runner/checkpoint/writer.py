@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from runner.checkpoint import layout, state
-from runner.checkpoint.manifest import FileEntry, Manifest, Reason
+from runner.checkpoint.manifest import FORMAT_VERSION, SHARDED_FORMAT_VERSION, FileEntry, Manifest, Reason
 from runner.storage import Store
 
 FAULT_ENV = "RUNNER_FAULT_KILL_AT"
@@ -70,6 +70,7 @@ class PendingSnapshot:
     metrics: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     capture_seconds: float = 0.0
+    sharded: bool = False  # the data files are a sharded snapshot's (kept by `runner fork`)
     # Called once the components are no longer needed (data written, or failed):
     # hands the capture's host memory back for reuse (state.HostBuffers).
     release: Callable[[], None] | None = None
@@ -99,7 +100,12 @@ def versions() -> dict[str, str]:
 _saves = itertools.count(1)  # saves started by this process, for `<phase>:<n>`
 
 
-def _fault(phase: str, save_number: int) -> None:
+def next_save_number() -> int:
+    return next(_saves)
+
+
+def fault(phase: str, save_number: int) -> None:
+    """SIGKILL this process when RUNNER_FAULT_KILL_AT names `phase` (and this save number, if given)."""
     want, _, nth = os.environ.get(FAULT_ENV, "").partition(":")
     if want == phase and nth in ("", str(save_number)):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -159,7 +165,7 @@ def _write_data(store: Store, run_id: str, sid: str, pending: PendingSnapshot, s
             try:
                 if index == 1:
                     jobs[0][1].result()  # the first file is out before the others start
-                    _fault("mid-data", save_number)
+                    fault("mid-data", save_number)
                 jobs.append((data, pool.submit(data.publish, store)))
             except BaseException:
                 data.discard()
@@ -186,17 +192,28 @@ def write_snapshot(store: Store, run_id: str, pending: PendingSnapshot,
     """
     started = time.perf_counter()
     sid = layout.new_snapshot_id(pending.step)
-    save_number = next(_saves)
+    save_number = next_save_number()
     try:
-        _fault("before-data", save_number)
+        fault("before-data", save_number)
         files = _write_data(store, run_id, sid, pending, save_number)
     finally:
         if pending.release is not None:
             pending.release()
-    _fault("before-manifest", save_number)
+    fault("before-manifest", save_number)
     if fence is not None:
         fence()
-    manifest = Manifest(
+    manifest = manifest_for(run_id, sid, pending, files)
+    store.create_bytes(layout.manifest_key(run_id, sid), manifest.to_bytes())
+    fault("after-manifest", save_number)
+    return CommitResult(manifest, pending.capture_seconds, time.perf_counter() - started)
+
+
+def manifest_for(run_id: str, sid: str, pending: PendingSnapshot, files: list[FileEntry],
+                 sharded: bool = False) -> Manifest:
+    """The sealed manifest of a snapshot whose data files are all written."""
+    return Manifest(
+        format_version=SHARDED_FORMAT_VERSION if sharded or pending.sharded else FORMAT_VERSION,
+        layout="sharded" if sharded or pending.sharded else "single",
         run_id=run_id,
         snapshot_id=sid,
         step=pending.step,
@@ -211,9 +228,6 @@ def write_snapshot(store: Store, run_id: str, pending: PendingSnapshot,
         metrics=pending.metrics,
         extra=pending.extra,
     ).sealed()
-    store.create_bytes(layout.manifest_key(run_id, sid), manifest.to_bytes())
-    _fault("after-manifest", save_number)
-    return CommitResult(manifest, pending.capture_seconds, time.perf_counter() - started)
 
 
 class BackgroundWriter:

@@ -1,0 +1,244 @@
+"""The multi-node EC2 Spot template: lint-clean, least privilege, the network torchrun needs, a user-data that runs.
+
+The training nodes keep every convention of deploy/aws/runner-spot.yaml (its
+tests, in test_deploy.py, cover those in depth): the same role, IMDSv2 with a
+hop limit for the container, the same exit-code loop.  What is new is checked
+here: the on-demand rendezvous instance and its endpoint in the nodes'
+user-data, the security groups, the group sized by NodeCount, one instance
+family with NprocPerNode GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT
+from test_deploy import PARAMS, STACK, _listify, _sub_text, _tool, container_command
+from test_deploy import render_user_data as render_single_node_user_data
+
+TEMPLATE = Path(ROOT, "deploy", "aws", "runner-spot-multinode.yaml")
+SINGLE = Path(ROOT, "deploy", "aws", "runner-spot.yaml")
+MULTI_PARAMS = dict(PARAMS, BucketName="b", TrainCommand="python train.py --lr 3e-4", NodeCount="3",
+                    NprocPerNode="4", RendezvousPort="29400", RendezvousIp="10.0.0.5")
+
+
+def _decode(path: Path) -> dict:
+    from cfnlint.decode import decode
+
+    template, matches = decode(str(path))
+    assert not matches, matches
+    return template
+
+
+def _resources() -> dict:
+    return _decode(TEMPLATE)["Resources"]
+
+
+def _render(sub) -> str:
+    """A `!Sub` (string or [string, variables]) as CloudFormation would render it with MULTI_PARAMS."""
+    values = {"AWS::StackName": STACK, "AWS::Region": "us-east-1", "AWS::Partition": "aws",
+              "AWS::AccountId": "123456789012", **MULTI_PARAMS}
+
+    def replace(match: re.Match) -> str:
+        if match.group(1).startswith("!"):
+            return "${" + match.group(1)[1:] + "}"
+        return values[match.group(1)]
+
+    return re.sub(r"\$\{([^}]+)\}", replace, _sub_text(sub))
+
+
+def _node_user_data() -> str:
+    data = _resources()["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]
+    return _render(data)
+
+
+def _store_user_data() -> str:
+    return _render(_resources()["RendezvousInstance"]["Properties"]["UserData"]["Fn::Base64"])
+
+
+# -- lint ----------------------------------------------------------------------------------
+
+
+def test_template_is_cfn_lint_clean():
+    result = subprocess.run([_tool("cfn-lint"), str(TEMPLATE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- least privilege -------------------------------------------------------------------------
+
+
+def test_nodes_have_the_single_node_role_and_the_store_can_only_pull_the_image():
+    resources = _resources()
+    assert resources["InstanceRole"] == _decode(SINGLE)["Resources"]["InstanceRole"]
+    store_role = resources["RendezvousRole"]["Properties"]
+    assert "Policies" not in store_role
+    assert [_sub_text(a) for a in store_role["ManagedPolicyArns"]] == [
+        "arn:${AWS::Partition}:iam::aws:policy/AmazonEC2ContainerRegistryReadOnly"]
+    profile = resources["RendezvousInstance"]["Properties"]["IamInstanceProfile"]
+    assert profile == {"Ref": "RendezvousInstanceProfile"}
+    assert resources["RendezvousInstanceProfile"]["Properties"]["Roles"] == [{"Ref": "RendezvousRole"}]
+
+
+def test_iam_policy_names_only_the_runs_prefix():
+    role = _resources()["InstanceRole"]["Properties"]
+    statements = [s for policy in role["Policies"] for s in policy["PolicyDocument"]["Statement"]]
+    bucket_arn = "arn:${AWS::Partition}:s3:::${BucketName}"
+    s3 = [s for s in statements if any(a.startswith("s3:") for a in _listify(s["Action"]))]
+    assert s3
+    for statement in statements:
+        assert statement["Effect"] == "Allow"
+        assert not any("*" in a for a in _listify(statement["Action"]))
+    for statement in s3:
+        resources = [_sub_text(r) for r in _listify(statement["Resource"])]
+        assert resources in ([bucket_arn], [f"{bucket_arn}/${{RunPrefix}}/${{RunId}}/*"]), resources
+        if resources == [bucket_arn]:
+            assert _listify(statement["Action"]) == ["s3:ListBucket"] and statement["Condition"]
+
+
+def test_both_launch_templates_require_imdsv2():
+    resources = _resources()
+    nodes = resources["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["MetadataOptions"]
+    assert nodes["HttpTokens"] == "required" and nodes["HttpPutResponseHopLimit"] == 2  # the container's hop
+    store = resources["RendezvousLaunchTemplate"]["Properties"]["LaunchTemplateData"]["MetadataOptions"]
+    assert store["HttpTokens"] == "required" and store["HttpPutResponseHopLimit"] == 1
+    assert resources["RendezvousInstance"]["Properties"]["LaunchTemplate"]["LaunchTemplateId"] == {
+        "Ref": "RendezvousLaunchTemplate"}
+
+
+# -- network ------------------------------------------------------------------------------------
+
+
+def test_nodes_talk_to_each_other_on_all_tcp_and_to_the_store_on_its_port_only():
+    resources = _resources()
+    node_sg = {"Ref": "NodeSecurityGroup"}
+    assert "SecurityGroupIngress" not in resources["NodeSecurityGroup"]["Properties"]
+    ingress = [r["Properties"] for r in resources.values() if r["Type"] == "AWS::EC2::SecurityGroupIngress"]
+    assert ingress == [{"GroupId": node_sg, "SourceSecurityGroupId": node_sg, "IpProtocol": "tcp",
+                        "FromPort": 0, "ToPort": 65535, "Description": ingress[0]["Description"]}]
+    store_in = resources["RendezvousSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    assert len(store_in) == 1
+    assert store_in[0]["SourceSecurityGroupId"] == node_sg and store_in[0]["IpProtocol"] == "tcp"
+    assert store_in[0]["FromPort"] == store_in[0]["ToPort"] == {"Ref": "RendezvousPort"}
+    assert not any("CidrIp" in rule or "CidrIpv6" in rule for rule in store_in)
+    launch = resources["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
+    assert launch["SecurityGroupIds"] == [node_sg]
+    assert resources["RendezvousInstance"]["Properties"]["SecurityGroupIds"] == [{"Ref": "RendezvousSecurityGroup"}]
+    assert _decode(TEMPLATE)["Parameters"]["RendezvousPort"]["Default"] == 29400
+
+
+def test_the_placement_group_is_optional_and_cluster():
+    resources = _resources()
+    assert resources["PlacementGroup"]["Condition"] == "MakePlacementGroup"
+    assert resources["PlacementGroup"]["Properties"] == {"Strategy": "cluster"}
+    placement = resources["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["Placement"]["Fn::If"]
+    assert placement == ["MakePlacementGroup", {"GroupName": {"Ref": "PlacementGroup"}}, {"Ref": "AWS::NoValue"}]
+
+
+# -- the group -----------------------------------------------------------------------------------
+
+
+def test_node_count_sizes_the_spot_group_of_one_family_with_nproc_per_node_gpus():
+    group = _resources()["Group"]["Properties"]
+    assert group["MinSize"] == group["MaxSize"] == group["DesiredCapacity"] == {"Ref": "NodeCount"}
+    assert group["CapacityRebalance"] is True
+    assert _sub_text(group["AutoScalingGroupName"]) == "${AWS::StackName}-runner"
+    policy = group["MixedInstancesPolicy"]
+    assert policy["InstancesDistribution"]["SpotAllocationStrategy"] == "price-capacity-optimized"
+    assert policy["InstancesDistribution"]["OnDemandPercentageAboveBaseCapacity"] == 0
+    assert policy["InstancesDistribution"]["OnDemandBaseCapacity"] == 0
+    [override] = policy["LaunchTemplate"]["Overrides"]
+    wanted = override["InstanceRequirements"]
+    assert [_sub_text(t) for t in wanted["AllowedInstanceTypes"]] == ["${InstanceFamily}.*"]
+    assert wanted["AcceleratorCount"] == {"Min": {"Ref": "NprocPerNode"}, "Max": {"Ref": "NprocPerNode"}}
+    assert wanted["AcceleratorManufacturers"] == ["nvidia"] and wanted["AcceleratorTypes"] == ["gpu"]
+    assert "InstanceType" not in _resources()["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
+
+
+def test_the_store_is_on_demand_and_its_address_is_the_nodes_endpoint():
+    resources = _resources()
+    instance = resources["RendezvousInstance"]["Properties"]
+    assert "InstanceMarketOptions" not in instance
+    assert "InstanceMarketOptions" not in resources["RendezvousLaunchTemplate"]["Properties"]["LaunchTemplateData"]
+    sub = resources["LaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Sub"]
+    assert sub[1] == {"RendezvousIp": {"Fn::GetAtt": ["RendezvousInstance", "PrivateIp"]}}
+
+
+# -- the user-data ------------------------------------------------------------------------------
+
+
+def _bash_n(text: str, tmp_path: Path) -> None:
+    script = tmp_path / "user-data.sh"
+    script.write_text(text)
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert text.startswith("#!/bin/bash\n")
+
+
+def test_the_store_user_data_is_valid_bash_that_serves_the_rendezvous_port(tmp_path):
+    text = _store_user_data()
+    _bash_n(text, tmp_path)
+    runs = [line for line in re.sub(r"\\\n\s*", " ", text).splitlines() if line.strip().startswith("docker run")]
+    assert len(runs) == 1, runs
+    argv = shlex.split(runs[0])
+    assert argv[argv.index("--entrypoint") + 1] == "python"
+    assert argv[argv.index("$IMAGE") + 1:] == ["-m", "runner.rendezvous", "--port", "29400"]
+    assert "--network" in argv and argv[argv.index("--network") + 1] == "host"
+    assert "--restart" in argv  # docker brings the store back after a crash or a reboot
+
+
+def test_the_node_user_data_is_valid_bash_that_runs_runner_start_with_the_torchrun_flags(tmp_path):
+    text = _node_user_data()
+    _bash_n(text, tmp_path)
+    env, docker_args, args = container_command(text)
+    for flag, value in (("--gpus", "all"), ("--stop-timeout", "120"), ("--network", "host"), ("--ipc", "host")):
+        assert docker_args[docker_args.index(flag) + 1] == value, docker_args
+    assert "--restart" not in docker_args
+    assert env["RUNNER_BUCKET"] == "s3://b/runs" and env["RUNNER_RUN_ID"] == "exp1"
+    assert env["RUNNER_SCALE_DOWN_GROUP"] == f"{STACK}-runner" and env["RUNNER_NOTICE_SOURCE"] == "ec2"
+    assert args == ["--nproc-per-node", "4", "--nnodes", "3", "--rdzv-endpoint", "$RDZV_HOST:$RDZV_PORT",
+                    "--", "python", "train.py", "--lr", "3e-4"]
+    assert "RDZV_HOST='10.0.0.5'" in text and "RDZV_PORT='29400'" in text
+
+
+def test_the_node_user_data_handles_exit_codes_exactly_as_the_single_node_one():
+    def loop(text: str) -> list[str]:
+        body = text[text.index("code=$?"):text.index("\ndone")]
+        return [line.strip() for line in body.splitlines()]
+
+    assert loop(_node_user_data()) == loop(render_single_node_user_data(dict(PARAMS, BucketName="b")))
+
+
+def test_the_node_waits_for_the_store_before_each_start(tmp_path):
+    text = _node_user_data()
+    function = text[text.index("wait_for_store() {"):]
+    function = function[:function.index("\n}\n") + 3]
+    assert text.index("wait_for_store\n", text.index("while true")) < text.index("docker run --rm --name runner")
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(4)
+        port = listening.getsockname()[1]
+        script = f"RDZV_HOST=127.0.0.1\nRDZV_PORT={port}\n{function}wait_for_store && echo ready"
+        result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0 and result.stdout.strip() == "ready", result.stdout + result.stderr
+
+
+def test_runner_start_accepts_the_flags_the_template_passes():
+    """Active once `runner start` has the torchrun flags; the template must not pass what the CLI lacks."""
+    from runner.cli import build_parser
+
+    parser = build_parser()
+    start = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    known = start.choices["start"]._option_string_actions
+    if "--nproc-per-node" not in known:
+        pytest.skip("runner start has no --nproc-per-node yet")
+    _, _, args = container_command(_node_user_data())
+    args = [a.replace("$RDZV_HOST:$RDZV_PORT", "10.0.0.5:29400") for a in args]
+    parsed = parser.parse_args(["start", "--bucket", "s3://b/runs", *args])
+    assert parsed.command == "start"

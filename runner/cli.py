@@ -4,7 +4,8 @@ Owns the argument parser, the `RUNNER_<FLAG>` environment defaults, and the
 one place that turns exceptions into exit codes and one-line messages.  What
 the commands do lives in `operations.py`; how results look in `terminal.py`;
 `start` hands a `StartConfig` to the supervisor, `imds-sim` its argv to the
-simulator (both imported only when used).
+simulator, `rendezvous` its argv to runner/rendezvous.py (all imported only
+when used).
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ exit codes:
   2  bad usage or configuration: unknown flag, malformed value, invalid run or
      snapshot id, bad --storage-option, unknown URL scheme (or its fsspec
      backend is not installed)
-  runner start: 75 preempted after an emergency checkpoint (resume elsewhere)
+  runner start: 75 preempted after an emergency checkpoint (resume elsewhere);
+     76 another node of a multi-node job was preempted: the job saved and
+     stopped, this node is fine (start again here)
 
 Every flag also reads its default from RUNNER_<FLAG> (RUNNER_BUCKET,
 RUNNER_RUN_ID, RUNNER_KEEP_LAST, ...); RUNNER_STORAGE_OPTION holds KEY=VALUE
@@ -133,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_drill(sub)
     _add_demo(sub)
+    sub.add_parser("rendezvous", help="host the rendezvous store of multi-node torchrun jobs (docs/multi-node.md)",
+                   description="Serve torchrun's c10d rendezvous store (see `runner rendezvous --help`).",
+                   add_help=False)
     sub.add_parser("imds-sim", help="serve a local EC2 metadata service that simulates spot notices",
                    description="Serve a local EC2 IMDSv2 (see `runner imds-sim --help`).", add_help=False)
     return parser
@@ -219,6 +225,12 @@ def _add_start(sub: Any) -> None:
              help="do not ask EC2 / the AWS Pricing API for prices: overrides and the bundled table only")
     add_flag(p, "--heartbeat", dest="heartbeat_s", type=float, metavar="S",
              help=f"seconds between cost-ledger heartbeats {default('heartbeat_s')}")
+    torchrun = p.add_argument_group("torchrun (docs/multi-node.md): runner builds the torchrun command around "
+                                    "`python SCRIPT ARGS`")
+    add_flag(torchrun, "--nproc-per-node", type=int, metavar="N", help="ranks on this machine, one per GPU")
+    add_flag(torchrun, "--nnodes", metavar="N|MIN:MAX", help="machines in the job (default: 1)")
+    add_flag(torchrun, "--rdzv-endpoint", metavar="HOST:PORT",
+             help="where the nodes meet: a `runner rendezvous` store that outlives them (needed with --nnodes > 1)")
     p.add_argument("train_command", nargs="*", metavar="COMMAND", help="the training command and its arguments, after --")
 
 
@@ -338,7 +350,7 @@ def _start(args: argparse.Namespace) -> int:
         "run_id", "save_every_steps", "keep_last", "notice_source", "grace_seconds", "max_restarts",
         "sync_dir", "imds_endpoint", "poll_interval_s", "lease_ttl_s", "restart_backoff_s", "crash_loop_limit",
         "sync_signal", "sync_settle_s", "scale_down_group",
-        "price_per_hour", "on_demand_price_per_hour", "heartbeat_s")}
+        "price_per_hour", "on_demand_price_per_hour", "heartbeat_s", "nproc_per_node", "nnodes", "rdzv_endpoint")}
     if args.offline_prices:
         values["price_lookup"] = False
     config = StartConfig(bucket=args.bucket, command=list(args.train_command), storage_options=_storage_options(args),
@@ -443,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv[:1] == ["imds-sim"]:
             return _imds_sim(argv[1:])
+        if argv[:1] == ["rendezvous"]:
+            return int(_load("runner.rendezvous", "main", "the rendezvous store")(argv[1:]))
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as exit_:  # argparse: --help (0) or a usage error (2), already printed

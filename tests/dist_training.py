@@ -8,6 +8,7 @@ from the environment:
     PARAMS_OUT       rank 0 writes the full model state here at the end (torch.save)
     NOTICE_AT        at this step, rank 0 alone gets SIGUSR1 (a notice on one machine)
     STEP_SLEEP       seconds to sleep per step (to leave time for a signal)
+    KILL_RANK        only this rank keeps RUNNER_FAULT_KILL_AT (SIGKILL of one rank mid-save)
 The data is 96 fixed samples; the global batch is 12 (divisible by 1, 2, 3, 4
 ranks), so the job's gradient is the same at any world size.
 """
@@ -63,6 +64,8 @@ def main() -> None:
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if os.environ.get("KILL_RANK", str(rank)) != str(rank):
+        os.environ.pop("RUNNER_FAULT_KILL_AT", None)
     total = int(os.environ.get("TOTAL_STEPS", "16"))
     notice_at = int(os.environ.get("NOTICE_AT", "-1"))
     pause = float(os.environ.get("STEP_SLEEP", "0"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from runner.checkpoint import layout
 
@@ -46,6 +46,41 @@ class StartConfig(BaseModel):
     cost_log_interval_s: float = Field(default=300.0, ge=1)  # the live "cost so far" line
     # The EC2 Auto Scaling group to scale to zero once the run is finished (scale_down.py).
     scale_down_group: str | None = None
+    # torchrun, built by launch.py: ranks per node, nodes ("N" or "MIN:MAX"), the c10d rendezvous endpoint.
+    nproc_per_node: int | None = Field(default=None, ge=1)
+    nnodes: str | None = Field(default=None, pattern=r"^[1-9][0-9]*(:[1-9][0-9]*)?$")
+    rdzv_endpoint: str | None = None
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            from runner.rendezvous import parse_endpoint
+
+            parse_endpoint(value)  # ValueError: "bad rendezvous endpoint ...: expected HOST:PORT"
+        return value
+
+    @model_validator(mode="after")
+    def _torchrun(self) -> "StartConfig":
+        if self.max_nodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (where the nodes meet)")
+        if self.torchrun and any(part.rsplit("/", 1)[-1] in ("torchrun", "torch.distributed.run")
+                                 for part in self.command[:3]):
+            raise ValueError("the command is torchrun already: give --nproc-per-node/--nnodes to runner or to "
+                             "torchrun, not to both")
+        if self.torchrun and self.sync_dir is not None:
+            raise ValueError("--sync-dir does not go with --nproc-per-node/--nnodes: sharded jobs save through "
+                             "runner.Checkpointer")
+        return self
+
+    @property
+    def torchrun(self) -> bool:
+        """True when runner builds a torchrun command (launch.py)."""
+        return any(v is not None for v in (self.nproc_per_node, self.nnodes, self.rdzv_endpoint))
+
+    @property
+    def max_nodes(self) -> int:
+        return int((self.nnodes or "1").rsplit(":", 1)[-1])
 
     @field_validator("sync_signal", mode="before")
     @classmethod

@@ -25,6 +25,15 @@ bare SIGTERM/SIGINT/SIGHUP: now + --grace-seconds):
    loud warning and the steps lost when nothing was committed (status.py
    says why).
 
+In a multi-node torchrun job (launch.py) each machine has its own
+supervisor.  A notice reaches one of them; the ranks agree at the next step
+boundary (checkpoint/checkpointer.py), every rank saves the same step, and
+the job ends everywhere.  The supervisors that asked for nothing learn from
+the child's peer-stopped.json that the job stopped for a peer, and exit 76
+(PEER_STOPPED) instead of taking the job's exit 0 for the end of training.
+The run lease is not taken there: torchrun's rendezvous admits one job of
+`--nnodes` machines, and every machine's supervisor holds the run at once.
+
 In directory-sync mode (--sync-dir, syncdir.py) the child knows nothing of
 us: DIR is restored before the first start, synced in the background while
 the child runs and once more when it ends; a termination lets the files in
@@ -49,10 +58,12 @@ from runner.checkpoint.manifest import Manifest, Reason
 from runner.checkpoint.reader import RunReader
 from runner.cost.hook import CostHook, NoCostHook
 from runner.notices import Notice, NoticeKind
+from runner.rendezvous import RendezvousUnavailable
 from runner.storage import StorageError, Store, UnsupportedURLError
 from runner.supervisor.child import Child, ChildExit, ChildStartError, Reaper, become_subreaper, child_env, new_control_dir
 from runner.supervisor.config import StartConfig
 from runner.supervisor.leasing import LEASE_LOST, LeaseKeeper
+from runner.supervisor.launch import child_command, multi_node
 from runner.supervisor import scale_down
 from runner.supervisor.policy import CrashTracker, RestartPolicy, StopPlan
 from runner.supervisor.status import RunStatus
@@ -70,7 +81,7 @@ _MIN_NOTICE_S = 1.0  # a deadline already past still gets this long to save
 def supervise(config: StartConfig) -> int:
     """Run `config.command` under supervision until it finishes, fails for good, or is preempted.
 
-    Returns the exit code (status.py: 0, 1, 2 or 75).  Call from the main
+    Returns the exit code (status.py: 0, 1, 2, 75 or 76).  Call from the main
     thread of a process of its own: it installs signal handlers, and it
     becomes a child subreaper that reaps every descendant.  Errors a user
     can cause are logged as one line and turned into an exit code; nothing
@@ -107,6 +118,7 @@ class Supervisor:
         self._pending_save: tuple[str, Notice] | None = None
         self._plan: StopPlan | None = None
         self._ack_at: float | None = None  # epoch time the emergency ack was seen
+        self._peer_stop: dict | None = None  # the last child stopped for another node's notice (control.py)
         self.sync: DirSync | None = None  # directory-sync mode
         self.lease: LeaseKeeper | None = None
         self.cost: CostHook | NoCostHook = NoCostHook()  # the cost ledger (runner/cost/hook.py)
@@ -133,11 +145,15 @@ class Supervisor:
                 store = Store(cfg.bucket, cfg.storage_options)
                 store.check()
                 self.reader = RunReader(store, cfg.run_id)
-                self.lease = LeaseKeeper(store, cfg.run_id, self.events, ttl_s=cfg.lease_ttl_s)
-                notice = self.lease.acquire(self._next_event)
-                if notice is not None:
-                    log.warning("%s while waiting for the run's lease; nothing to save", notice.detail)
-                    return RunStatus.PREEMPTED_UNSAVED
+                if multi_node(cfg):
+                    log.info("run %s: one of up to %d nodes; the rendezvous admits one job, so no run lease is taken",
+                             cfg.run_id, cfg.max_nodes)
+                else:
+                    self.lease = LeaseKeeper(store, cfg.run_id, self.events, ttl_s=cfg.lease_ttl_s)
+                    notice = self.lease.acquire(self._next_event)
+                    if notice is not None:
+                        log.warning("%s while waiting for the run's lease; nothing to save", notice.detail)
+                        return RunStatus.PREEMPTED_UNSAVED
                 newest = self._newest()  # read after the lease: the previous holder may have committed more
             except StorageError as exc:
                 return self._storage_failed(exc, at_start=True)
@@ -179,6 +195,9 @@ class Supervisor:
             except ChildStartError as exc:
                 log.error("%s; check the command after --", exc)
                 return RunStatus.CONFIG_ERROR
+            except RendezvousUnavailable as exc:
+                log.error("%s", exc)
+                return RunStatus.FAILED
             if self.sync is not None:
                 self.sync.start()
             outcome = self._watch(child)
@@ -189,6 +208,8 @@ class Supervisor:
                 return RunStatus.LEASE_LOST
             self._sync_after_exit(outcome)
             newest = self._newest()
+            if self._peer_stop is not None and not (newest is not None and newest.final):
+                return self._peer_stopped(outcome, newest)
             if outcome.returncode == 0 or (newest is not None and newest.final):
                 return self._finished(outcome, newest)
             log.error("child %s", outcome.describe())
@@ -219,12 +240,13 @@ class Supervisor:
         else:
             log.info("run %s: no snapshot yet, starting fresh", cfg.run_id)
         try:
-            child = Child.start(cfg.command, env, control_dir)
-        except ChildStartError:
+            command = child_command(cfg)
+            child = Child.start(command, env, control_dir)
+        except (ChildStartError, RendezvousUnavailable):
             os.rmdir(control_dir)
             raise
-        self.child, self._resume, self._last_progress = child, resume, None
-        log.info("started child pid %d: %s", child.pid, " ".join(cfg.command))
+        self.child, self._resume, self._last_progress, self._peer_stop = child, resume, None, None
+        log.info("started child pid %d: %s", child.pid, " ".join(command))
         self.status = RunStatus.RUNNING
         return child
 
@@ -250,6 +272,7 @@ class Supervisor:
         if progress is not None:
             self._last_progress = progress
         self.cost.drain(child.channel)  # before cleanup removes the control folder
+        self._peer_stop = child.channel.peer_stopped()
         child.kill_stragglers()
         child.cleanup()
         self._pending_save = None
@@ -491,6 +514,19 @@ class Supervisor:
             log.warning("the child exited 0 without a final snapshot (newest: %s); treating the run as finished. "
                         "Call ckpt.save(step, final=True) at the end of training", _describe(newest))
         return RunStatus.FINISHED
+
+    def _peer_stopped(self, outcome: ChildExit, newest: Manifest | None) -> RunStatus:
+        """The job stopped for another node's notice: say which snapshot holds it; the caller exits 76."""
+        assert self._peer_stop is not None
+        said = str(self._peer_stop.get("snapshot_id"))
+        if newest is not None and newest.snapshot_id == said:
+            log.info("another node was preempted: the job committed snapshot %s at step %d and stopped (child %s); "
+                     "start again here to rejoin the group", said, newest.step, outcome.describe())
+        else:
+            log.warning("another node was preempted and the job stopped (child %s), but snapshot %s is not the "
+                        "newest valid one; the next start resumes from %s", outcome.describe(), said,
+                        _describe(newest))
+        return RunStatus.PEER_STOPPED
 
     def _storage_failed(self, exc: StorageError, at_start: bool) -> RunStatus:
         log.error("%s", exc)

@@ -8,6 +8,9 @@ Exit codes:
     0   FINISHED, ALREADY_FINISHED       the training is done
     75  PREEMPTED, PREEMPTED_UNSAVED,    the machine is going away, or another
         LEASE_LOST                       instance took the run over; resume elsewhere
+    76  PEER_STOPPED                     multi-node: another node was preempted; the
+                                         job saved and stopped; this machine is fine,
+                                         start again here to rejoin the group
     1   FAILED, CRASH_LOOP, STORAGE_FAILED   failed for good
     2   CONFIG_ERROR                     bad usage or configuration
 
@@ -30,6 +33,7 @@ class ExitCode(enum.IntEnum):
     FAILED = 1
     USAGE = 2
     PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h: "try again later"
+    PEER_STOPPED = 76  # not from sysexits.h (76 is EX_PROTOCOL there): the next free code
 
 
 class RunStatus(enum.Enum):
@@ -61,6 +65,9 @@ class RunStatus(enum.Enum):
     # Another instance holds a newer lease on the run (or ours could not be
     # renewed in time): the child was stopped without committing anything.
     LEASE_LOST = "lease-lost"
+    # Multi-node: the job stopped, after a committed snapshot, because another
+    # node's supervisor got a termination notice (control.py, peer-stopped.json).
+    PEER_STOPPED = "peer-stopped"
     # The child kept crashing and --max-restarts is used up.
     FAILED = "failed"
     # The child crashed repeatedly without the newest valid step advancing.
@@ -91,6 +98,7 @@ _EXIT_CODES: dict[RunStatus, ExitCode] = {
     RunStatus.PREEMPTED: ExitCode.PREEMPTED,
     RunStatus.PREEMPTED_UNSAVED: ExitCode.PREEMPTED,
     RunStatus.LEASE_LOST: ExitCode.PREEMPTED,
+    RunStatus.PEER_STOPPED: ExitCode.PEER_STOPPED,
     RunStatus.FAILED: ExitCode.FAILED,
     RunStatus.CRASH_LOOP: ExitCode.FAILED,
     RunStatus.STORAGE_FAILED: ExitCode.FAILED,

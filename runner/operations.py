@@ -456,7 +456,7 @@ def _read_verified(reader: RunReader, manifest: Manifest, progress: Progress) ->
     files: dict[str, RawFile] = {}
     for entry in manifest.files:
         data = reader.read_file(manifest, entry)  # checked against its SHA-256
-        files[entry.component or entry.path] = RawFile(entry.path, data)
+        files[entry.path] = RawFile(entry.path, data, entry.component)  # by path: a shard per rank
         progress.advance(entry.size)
     return files
 
@@ -474,6 +474,7 @@ def _write_fork(store: Store, new_run: str, source: Manifest, files: dict[str, R
         world_size=source.world_size,
         metrics=dict(source.metrics),
         extra=dict(source.extra),
+        sharded=source.sharded,
     )
     manifest = write_snapshot(store, new_run, pending).manifest
     log.info("forked %s@%s into %s as %s", source.run_id, source.snapshot_id, new_run, manifest.snapshot_id)

@@ -5,19 +5,18 @@ tests, in test_deploy.py, cover those in depth): the same role, IMDSv2 with a
 hop limit for the container, the same exit-code loop.  What is new is checked
 here: the on-demand rendezvous instance and its endpoint in the nodes'
 user-data, the security groups, the group sized by NodeCount, one instance
-family with NprocPerNode GPUs.
+family with NprocPerNode GPUs, and exit 76 (another node was preempted), on
+which a node starts again at once without counting a failure.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import re
 import shlex
 import socket
 import subprocess
 from pathlib import Path
-
-import pytest
 
 from helpers import ROOT
 from test_deploy import PARAMS, STACK, _listify, _sub_text, _tool, container_command
@@ -207,12 +206,67 @@ def test_the_node_user_data_is_valid_bash_that_runs_runner_start_with_the_torchr
     assert "RDZV_HOST='10.0.0.5'" in text and "RDZV_PORT='29400'" in text
 
 
-def test_the_node_user_data_handles_exit_codes_exactly_as_the_single_node_one():
-    def loop(text: str) -> list[str]:
-        body = text[text.index("code=$?"):text.index("\ndone")]
-        return [line.strip() for line in body.splitlines()]
+PEER_STOPPED_CASE = ['76) echo "runner: another node was preempted; the job saved and stopped; starting again here"',
+                     "continue ;;"]
 
-    assert loop(_node_user_data()) == loop(render_single_node_user_data(dict(PARAMS, BucketName="b")))
+
+def _exit_code_handling(text: str) -> list[str]:
+    body = text[text.index("code=$?"):text.index("\ndone")]
+    return [line.strip() for line in body.splitlines()]
+
+
+def test_the_node_user_data_handles_exit_codes_exactly_as_the_single_node_one_plus_76():
+    multi = _exit_code_handling(_node_user_data())
+    single = _exit_code_handling(render_single_node_user_data(dict(PARAMS, BucketName="b")))
+    at = multi.index(PEER_STOPPED_CASE[0])
+    assert multi[at:at + len(PEER_STOPPED_CASE)] == PEER_STOPPED_CASE
+    assert multi[:at] + multi[at + len(PEER_STOPPED_CASE):] == single
+    assert at < multi.index("esac") < multi.index("failures=$((failures + 1))")  # 76 never reaches the count
+
+
+def _run_loop(codes: list[int], tmp_path: Path) -> tuple[int, list[str]]:
+    """The node's restart loop in bash, `runner start` exiting with `codes` in turn; (its exit, what it did).
+
+    docker, shutdown, sleep and the store's wait are stubbed: each records a line.
+    """
+    text = _node_user_data()
+    loop = text[text.index("failures=0\n"):text.index("\ndone", text.index("while true")) + len("\ndone")]
+    stubs = f"""\
+IMAGE=runner:test GROUP={STACK}-runner RDZV_HOST=10.0.0.5 RDZV_PORT=29400
+codes=({" ".join(map(str, codes))}); started=0
+log() {{ echo "$*" >> {shlex.quote(str(tmp_path / "did"))}; }}
+wait_for_store() {{ log wait; }}
+shutdown() {{ log shutdown; }}
+sleep() {{ log "sleep $1"; }}
+docker() {{
+  if [[ " $* " != *" --name runner "* ]]; then log "${{@: -2:1}}"; return 0; fi
+  [ "$started" -lt "${{#codes[@]}}" ] || {{ log "started too often"; exit 99; }}
+  log "start ${{codes[$started]}}"; started=$((started + 1)); return "${{codes[$((started - 1))]}}"
+}}
+"""
+    result = subprocess.run(["bash", "-uo", "pipefail", "-c", stubs + loop], capture_output=True, text=True,
+                            timeout=20)
+    did = (tmp_path / "did").read_text().splitlines()
+    return result.returncode, did
+
+
+def test_exit_76_starts_the_node_again_at_once_without_counting_a_failure(tmp_path):
+    code, did = _run_loop([76, 76, 76, 76, 0], tmp_path)
+    assert code == 0
+    assert did == ["wait", "start 76"] * 4 + ["wait", "start 0"]  # no sleep, no scale-down, no shutdown
+    (tmp_path / "did").unlink()
+    code, did = _run_loop([1, 76, 1, 76, 1], tmp_path)
+    assert code == 1  # three failures: the 76s in between neither count nor reset the count
+    assert did.count("sleep 60") == 2 and did[-1] == "runner.supervisor.scale_down"
+    assert [line for line in did if line.startswith("start")] == ["start 1", "start 76", "start 1", "start 76",
+                                                                 "start 1"]
+
+
+def test_exit_75_terminates_the_node_and_exit_2_scales_the_group_to_zero(tmp_path):
+    assert _run_loop([76, 75], tmp_path) == (0, ["wait", "start 76", "wait", "start 75", "shutdown"])
+    (tmp_path / "did").unlink()
+    assert _run_loop([76, 2], tmp_path) == (1, ["wait", "start 76", "wait", "start 2",
+                                                "runner.supervisor.scale_down"])
 
 
 def test_the_node_waits_for_the_store_before_each_start(tmp_path):
@@ -229,16 +283,22 @@ def test_the_node_waits_for_the_store_before_each_start(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "ready", result.stdout + result.stderr
 
 
-def test_runner_start_accepts_the_flags_the_template_passes():
-    """Active once `runner start` has the torchrun flags; the template must not pass what the CLI lacks."""
+def test_runner_start_accepts_the_flags_the_template_passes(monkeypatch):
+    """The image's entrypoint is `runner start`: the args after the image, with the env file, parse and validate."""
     from runner.cli import build_parser
+    from runner.supervisor.config import StartConfig
 
-    parser = build_parser()
-    start = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    known = start.choices["start"]._option_string_actions
-    if "--nproc-per-node" not in known:
-        pytest.skip("runner start has no --nproc-per-node yet")
-    _, _, args = container_command(_node_user_data())
+    env, _, args = container_command(_node_user_data())
+    for name in [n for n in os.environ if n.startswith("RUNNER_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     args = [a.replace("$RDZV_HOST:$RDZV_PORT", "10.0.0.5:29400") for a in args]
-    parsed = parser.parse_args(["start", "--bucket", "s3://b/runs", *args])
-    assert parsed.command == "start"
+    parsed = build_parser().parse_args(["start", *args])
+    assert parsed.command == "start" and parsed.bucket == "s3://b/runs" and parsed.run_id == "exp1"
+    assert (parsed.nproc_per_node, parsed.nnodes, parsed.rdzv_endpoint) == (4, "3", "10.0.0.5:29400")
+    assert parsed.train_command == ["python", "train.py", "--lr", "3e-4"]
+    config = StartConfig(bucket=parsed.bucket, command=parsed.train_command, run_id=parsed.run_id,
+                         nproc_per_node=parsed.nproc_per_node, nnodes=parsed.nnodes,
+                         rdzv_endpoint=parsed.rdzv_endpoint, scale_down_group=parsed.scale_down_group)
+    assert config.torchrun and config.max_nodes == 3

@@ -78,10 +78,15 @@ class PendingSnapshot:
 
 @dataclass(frozen=True)
 class RawFile:
-    """Already-serialized bytes for one component, written as `path` unchanged (used by `runner fork`)."""
+    """Already-serialized bytes, written as `path` unchanged (used by `runner fork`).
+
+    `component` names the file's component when it differs from its key in
+    PendingSnapshot.components: a sharded snapshot has one `_shard` per rank.
+    """
 
     path: str
     data: bytes
+    component: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,8 +146,10 @@ class _DataFile:
 def _prepare(store: Store, run_id: str, sid: str, name: str, payload: Any) -> _DataFile:
     """Serialize one component (raw bytes keep their name); nothing is visible yet."""
     if isinstance(payload, (RawFile, bytes)):
-        path, data = (payload.path, payload.data) if isinstance(payload, RawFile) else (name, payload)
-        entry = FileEntry(path=path, size=len(data), sha256=hashlib.sha256(data).hexdigest(), component=name)
+        raw = payload if isinstance(payload, RawFile) else RawFile(name, payload)
+        path, data = raw.path, raw.data
+        entry = FileEntry(path=path, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                          component=raw.component or name)
         return _DataFile(entry, layout.data_key(run_id, sid, path), data=data)
     path = component_file(name)
     key = layout.data_key(run_id, sid, path)

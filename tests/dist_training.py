@@ -63,6 +63,14 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
 def main() -> None:
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    try:
+        train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train() -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     if os.environ.get("KILL_RANK", str(rank)) != str(rank):
         os.environ.pop("RUNNER_FAULT_KILL_AT", None)
@@ -101,8 +109,6 @@ def main() -> None:
     if rank == 0 and os.environ.get("PARAMS_OUT"):
         torch.save(params, os.environ["PARAMS_OUT"])
     ckpt.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -166,21 +166,26 @@ def test_two_workers_save_one_step_on_sigterm_and_resume_on_three_and_on_one(tmp
     assert_follows(reference, plain, saved.step, tmp_path / "params1.pt")
 
 
-def test_an_fsdp2_job_saved_by_two_ranks_resumes_on_three(tmp_path, reference):
+def launch(ranks: int) -> list[str]:
+    """The job on `ranks` ranks: torchrun, or a plain process for one (no process group at all)."""
+    return [*TORCHRUN, "--nproc-per-node", str(ranks), JOB] if ranks > 1 else [PYTHON, JOB]
+
+
+@pytest.mark.parametrize("mode,saved_by,resumed_by", [("fsdp", 2, 3), ("ddp", 4, 2), ("fsdp", 3, 1)])
+def test_a_job_resumes_at_another_world_size_on_the_reference_trajectory(tmp_path, reference, mode, saved_by,
+                                                                         resumed_by):
     bucket = str(tmp_path / "bucket")
     log = tmp_path / "loss"
-    env = job_env(RUNNER_BUCKET=bucket, RUNNER_RUN_ID="fsdp", RUNNER_SAVE_EVERY_STEPS="100", MODE="fsdp",
+    env = job_env(RUNNER_BUCKET=bucket, RUNNER_RUN_ID="reshard", RUNNER_SAVE_EVERY_STEPS="100", MODE=mode,
                   LOSS_LOG=str(log), NOTICE_AT="5")
-    done = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", JOB], env=env, capture_output=True, text=True,
-                          timeout=180)
+    done = subprocess.run(launch(saved_by), env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
-    saved = emergency(manifests(bucket, "fsdp"))
-    assert (saved.step, saved.world_size, saved.layout) == (5, 2, "sharded")
+    saved = emergency(manifests(bucket, "reshard"))
+    assert (saved.step, saved.world_size, saved.layout) == (5, saved_by, "sharded")
 
-    resumed = tmp_path / "loss3"
+    resumed = tmp_path / "loss-resumed"
     env.update(LOSS_LOG=str(resumed), PARAMS_OUT=str(tmp_path / "params.pt"), NOTICE_AT="-1")
-    done = subprocess.run([*TORCHRUN, "--nproc-per-node", "3", JOB], env=env, capture_output=True, text=True,
-                          timeout=180)
+    done = subprocess.run(launch(resumed_by), env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert_follows(reference, resumed, 5, tmp_path / "params.pt")
 

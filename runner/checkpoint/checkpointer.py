@@ -396,6 +396,8 @@ class Checkpointer:
         finally:
             if self._host_buffers is not None:
                 self._host_buffers.take()
+            if self._group is not None:
+                self._group.close()
 
     def __enter__(self) -> "Checkpointer":
         return self

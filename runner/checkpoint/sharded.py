@@ -125,6 +125,12 @@ class Group:
         dist.all_gather_object(out, value, group=self.pg)
         return out
 
+    def close(self) -> None:
+        """Release our gloo group: left to the interpreter's exit, its threads can abort the process."""
+        if self.pg is not None and dist.is_initialized():
+            dist.destroy_process_group(self.pg)
+        self.pg = None
+
 
 # -- the state dicts DCP sees -------------------------------------------------------------
 

@@ -62,7 +62,8 @@ def test_runnable_blocks_of_the_page_succeed(page: Path, page_results):
 
 def test_the_pages_a_new_user_follows_exist_and_are_linked_from_the_readme():
     readme = Path(ROOT, "README.md").read_text()
-    for name in ("quickstart", "adapting-your-script", "operations", "troubleshooting", "exact-resume", "cost"):
+    for name in ("quickstart", "adapting-your-script", "operations", "troubleshooting", "exact-resume", "cost",
+                 "multi-node", "scale"):
         assert (DOCS / f"{name}.md").exists(), name
         assert f"docs/{name}.md" in readme, f"README.md's Documentation section lacks docs/{name}.md"
     assert Path(ROOT, "deploy", "alibaba", "README.md").exists()

@@ -39,6 +39,11 @@ class ShardedBatchSampler:
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         if self.world_size > global_batch_size:
             raise ValueError(f"global_batch_size {global_batch_size} leaves some of {self.world_size} ranks nothing")
+        tail = size % global_batch_size
+        if tail and not drop_last and tail < self.world_size:
+            # An empty batch breaks DataLoader's collate and DDP's backward on that rank.
+            raise ValueError(f"the epoch's last batch has {tail} sample(s) for {self.world_size} ranks, so some "
+                             f"would get none: pass drop_last=True, or a global batch size that leaves a larger tail")
         self.epoch = 0
         self.consumed = 0  # samples of this epoch the whole job has used
 

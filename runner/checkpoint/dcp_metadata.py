@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -28,11 +28,15 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 FORMAT = "runner.dcp-metadata"
-_DATA_FILE = re.compile(r"^__[0-9]+_[0-9]+\.distcp$")
+_DATA_FILE = re.compile(r"__[0-9]+_[0-9]+\.distcp")
 
 
 class DcpMetadataError(ValueError):
     """A sharding plan that cannot be trusted or understood."""
+
+
+# Sizes, offsets and positions: whole numbers >= 0, never a bool, float or numeric string.
+Count = Annotated[int, Field(ge=0, strict=True)]
 
 
 class _Doc(BaseModel):
@@ -40,8 +44,8 @@ class _Doc(BaseModel):
 
 
 class _Chunk(_Doc):
-    offsets: list[int]
-    sizes: list[int]
+    offsets: list[Count]
+    sizes: list[Count]
 
 
 class _Entry(_Doc):
@@ -51,23 +55,24 @@ class _Entry(_Doc):
     requires_grad: bool = False
     memory_format: str | None = None
     pin_memory: bool = False
-    size: list[int] = Field(default_factory=list)
+    size: list[Count] = Field(default_factory=list)
     chunks: list[_Chunk] = Field(default_factory=list)
 
 
 class _Stored(_Doc):
     fqn: str
-    offset: list[int] | None = None
-    index: int | None = None
+    offset: list[Count] | None = None
+    index: Count | None = None
     relative_path: str
-    start: int = Field(ge=0)
-    length: int = Field(ge=0)
-    transforms: list[str] = Field(default_factory=list)
+    start: Count
+    length: Count
+    # DCP's optional per-file transforms (compression extensions): our writer uses none, so none is trusted.
+    transforms: list[str] = Field(default_factory=list, max_length=0)
 
     @field_validator("relative_path")
     @classmethod
     def _plain_name(cls, value: str) -> str:
-        if not _DATA_FILE.match(value):
+        if not _DATA_FILE.fullmatch(value):
             raise ValueError(f"{value!r} is not a shard file name")
         return value
 
@@ -98,6 +103,8 @@ def from_json(data: bytes) -> Metadata:
         doc = _Document.model_validate(json.loads(data))
     except (ValueError, UnicodeDecodeError) as exc:
         raise DcpMetadataError(f"not a sharding plan: {_first_error(exc)}") from None
+    except RecursionError:  # json.loads on a forged document nested thousands deep
+        raise DcpMetadataError("not a sharding plan: nested too deeply") from None
     return Metadata(
         state_dict_metadata={fqn: _storage_md(fqn, entry) for fqn, entry in doc.entries.items()},
         planner_data={k: tuple(v) for k, v in doc.planner_data.items()} if doc.planner_data is not None else None,

@@ -331,7 +331,7 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
             loaded = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as exc:
             raise UnsafeDataError(f"refusing to load {fqn}: it holds more than plain data "
-                                  f"({str(exc).splitlines()[0][:160]})") from None
+                                  f"({state.unpickling_reason(exc)})") from None
         if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes does
             set_element(self.original_state_dict, self.mappings[fqn], loaded)
         else:
@@ -379,7 +379,8 @@ def _plan(reader: RunReader, manifest: Manifest) -> Any:
 
 
 def _translate(manifest: Manifest, exc: Exception) -> Exception:
-    causes = list(getattr(exc, "failures", {}).values())
+    # DCP keeps each rank's failure as an (exception, traceback summary) pair.
+    causes = [c[0] if isinstance(c, tuple) else c for c in getattr(exc, "failures", {}).values()]
     for cause in causes:
         if isinstance(cause, (CorruptSnapshotError, UnsafeDataError, StateMismatchError, StorageError)):
             return cause

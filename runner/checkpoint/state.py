@@ -30,6 +30,7 @@ import hashlib
 import io
 import pickle
 import random
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -252,7 +253,7 @@ def deserialize(data: bytes, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UnsafeDataError(f"refusing to load: it holds more than tensors and plain data ({_first_line(exc)})") from None
+        raise UnsafeDataError(f"refusing to load: it holds more than tensors and plain data ({unpickling_reason(exc)})") from None
     except (RuntimeError, EOFError, ValueError) as exc:
         raise UnsafeDataError(f"cannot read it as a tensor file ({_first_line(exc)})") from None
 
@@ -311,3 +312,15 @@ def _load_module(name: str, module: torch.nn.Module, state: Mapping[str, Any], s
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def unpickling_reason(exc: BaseException) -> str:
+    """What `weights_only` refused (torch's message is a page of advice; the reason is one line of it)."""
+    lines = [_ANSI.sub("", line).strip() for line in str(exc).splitlines()]
+    for line in lines:
+        if "Unsupported global" in line or "WeightsUnpickler error" in line:
+            return line[:200]
+    return next((line[:200] for line in lines if line), type(exc).__name__)

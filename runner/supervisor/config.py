@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import signal
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from runner.checkpoint import layout
+
+_PYTHON = re.compile(r"(.*/)?python[0-9.]*")
+
+
+def is_python(arg: str) -> bool:
+    """True for a Python interpreter: python, python3, python3.11, /usr/bin/python3 ..."""
+    return bool(_PYTHON.fullmatch(arg))
 
 
 class StartConfig(BaseModel):
@@ -60,14 +68,27 @@ class StartConfig(BaseModel):
             parse_endpoint(value)  # ValueError: "bad rendezvous endpoint ...: expected HOST:PORT"
         return value
 
+    @field_validator("nnodes")
+    @classmethod
+    def _nnodes(cls, value: str | None) -> str | None:
+        low, _, high = (value or "1").partition(":")
+        if high and int(low) > int(high):
+            raise ValueError(f"--nnodes {value}: MIN is above MAX")
+        return value
+
     @model_validator(mode="after")
     def _torchrun(self) -> "StartConfig":
         if self.max_nodes > 1 and self.rdzv_endpoint is None:
             raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (where the nodes meet)")
         if self.torchrun and any(part.rsplit("/", 1)[-1] in ("torchrun", "torch.distributed.run")
-                                 for part in self.command[:3]):
+                                 for part in self.command[:4]):
             raise ValueError("the command is torchrun already: give --nproc-per-node/--nnodes to runner or to "
                              "torchrun, not to both")
+        option = self.command[1] if len(self.command) > 1 and is_python(self.command[0]) else ""
+        if self.torchrun and option.startswith("-") and option != "-m":
+            raise ValueError(f"torchrun starts the script itself, so python's own option {option} cannot be "
+                             "passed: give `python SCRIPT ARGS` or `python -m MODULE ARGS` (PYTHONUNBUFFERED=1 "
+                             "stands in for -u)")
         if self.torchrun and self.sync_dir is not None:
             raise ValueError("--sync-dir does not go with --nproc-per-node/--nnodes: sharded jobs save through "
                              "runner.Checkpointer")

@@ -16,13 +16,11 @@ node must boot and pull the image first.
 
 from __future__ import annotations
 
-import re
 import sys
 
-from runner.supervisor.config import StartConfig
+from runner.supervisor.config import StartConfig, is_python
 
 JOIN_TIMEOUT_S = 1800
-_PYTHON = re.compile(r"(.*/)?python[0-9.]*")
 
 
 def multi_node(config: StartConfig) -> bool:
@@ -30,12 +28,15 @@ def multi_node(config: StartConfig) -> bool:
     return config.torchrun and config.max_nodes > 1
 
 
-def child_command(config: StartConfig) -> list[str]:
-    """The argv of the next child. Raises rendezvous.RendezvousUnavailable when the store cannot be asked."""
+def child_command(config: StartConfig, rdzv_id: str | None = None) -> list[str]:
+    """The argv of the next child, for the rendezvous id `rdzv_id` (asked of the store when not given).
+
+    Raises rendezvous.RendezvousUnavailable when the store cannot be asked.
+    """
     if not config.torchrun:
         return list(config.command)
     command = list(config.command)
-    if _PYTHON.fullmatch(command[0]):
+    if is_python(command[0]):
         # `python train.py ARGS` -> torchrun ... train.py ARGS; `python -m pkg ARGS` -> torchrun ... -m pkg ARGS.
         python, target = command[0], command[1:]
         prefix: list[str] = []
@@ -47,9 +48,10 @@ def child_command(config: StartConfig) -> list[str]:
     if config.rdzv_endpoint is None:
         args.append("--standalone")
     else:
-        from runner.rendezvous import rendezvous_id
+        if rdzv_id is None:
+            from runner.rendezvous import rendezvous_id
 
-        args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", config.rdzv_endpoint,
-                 "--rdzv-id", rendezvous_id(config.rdzv_endpoint, config.run_id),
+            rdzv_id = rendezvous_id(config.rdzv_endpoint, config.run_id)
+        args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", config.rdzv_endpoint, "--rdzv-id", rdzv_id,
                  "--rdzv-conf", f"is_host=false,join_timeout={JOIN_TIMEOUT_S}"]
     return args + prefix + target

@@ -48,8 +48,10 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 
 from runner import control
@@ -58,7 +60,7 @@ from runner.checkpoint.manifest import Manifest, Reason
 from runner.checkpoint.reader import RunReader
 from runner.cost.hook import CostHook, NoCostHook
 from runner.notices import Notice, NoticeKind
-from runner.rendezvous import RendezvousUnavailable
+from runner.rendezvous import RendezvousUnavailable, rendezvous_id
 from runner.storage import StorageError, Store, UnsupportedURLError
 from runner.supervisor.child import Child, ChildExit, ChildStartError, Reaper, become_subreaper, child_env, new_control_dir
 from runner.supervisor.config import StartConfig
@@ -190,14 +192,14 @@ class Supervisor:
             stopped = self._termination_before_start(resume)
             if stopped is not None:
                 return stopped
+            rdzv_id = self._ask_rendezvous(resume)
+            if isinstance(rdzv_id, RunStatus):
+                return rdzv_id
             try:
-                child = self._start_child(resume)
+                child = self._start_child(resume, rdzv_id)
             except ChildStartError as exc:
                 log.error("%s; check the command after --", exc)
                 return RunStatus.CONFIG_ERROR
-            except RendezvousUnavailable as exc:
-                log.error("%s", exc)
-                return RunStatus.FAILED
             if self.sync is not None:
                 self.sync.start()
             outcome = self._watch(child)
@@ -227,7 +229,46 @@ class Supervisor:
 
     # -- one child ----------------------------------------------------------------
 
-    def _start_child(self, resume: Manifest | None) -> Child:
+    def _ask_rendezvous(self, resume: Manifest | None) -> str | RunStatus | None:
+        """The next start's rendezvous id (multi-node), or how the run ends while the store is being asked.
+
+        Asked in a thread: a store that does not answer holds the caller in
+        C++ for up to a minute, and a notice meanwhile must still stop us.
+        """
+        cfg = self.config
+        if cfg.rdzv_endpoint is None:
+            return None
+        answer: Future[str] = Future()
+
+        def ask() -> None:
+            try:
+                answer.set_result(rendezvous_id(cfg.rdzv_endpoint, cfg.run_id))  # type: ignore[arg-type]
+            except BaseException as exc:  # handed to the main thread
+                answer.set_exception(exc)
+
+        threading.Thread(target=ask, name="runner-rendezvous", daemon=True).start()
+        deferred: list[object] = []
+        try:
+            while not answer.done():
+                event = self._next_event(0.2)
+                if isinstance(event, Notice) and event.kind is NoticeKind.TERMINATION:
+                    self.preemptions += 1
+                    log.warning("%s while asking the rendezvous store at %s: no child is running, nothing to "
+                                "save; the next start resumes from %s", event.detail, cfg.rdzv_endpoint,
+                                _describe(resume))
+                    return RunStatus.PREEMPTED_UNSAVED
+                if event is not None:
+                    deferred.append(event)  # a rebalance: asked of the child once it runs
+        finally:
+            for event in deferred:
+                self.events.put(event)
+        try:
+            return answer.result()
+        except RendezvousUnavailable as exc:
+            log.error("%s", exc)
+            return RunStatus.FAILED
+
+    def _start_child(self, resume: Manifest | None, rdzv_id: str | None = None) -> Child:
         cfg = self.config
         control_dir = new_control_dir()
         env = child_env(os.environ, bucket=cfg.bucket, run_id=cfg.run_id, save_every_steps=cfg.save_every_steps,
@@ -240,7 +281,7 @@ class Supervisor:
         else:
             log.info("run %s: no snapshot yet, starting fresh", cfg.run_id)
         try:
-            command = child_command(cfg)
+            command = child_command(cfg, rdzv_id)
             child = Child.start(command, env, control_dir)
         except (ChildStartError, RendezvousUnavailable):
             os.rmdir(control_dir)

@@ -229,7 +229,7 @@ def _add_start(sub: Any) -> None:
                                     "`python SCRIPT ARGS`")
     add_flag(torchrun, "--nproc-per-node", type=int, metavar="N", help="ranks on this machine, one per GPU")
     add_flag(torchrun, "--nnodes", metavar="N|MIN:MAX", help="machines in the job (default: 1)")
-    add_flag(torchrun, "--rdzv-endpoint", metavar="HOST:PORT",
+    add_flag(torchrun, "--rdzv-endpoint", metavar="HOST[:PORT]",
              help="where the nodes meet: a `runner rendezvous` store that outlives them (needed with --nnodes > 1)")
     p.add_argument("train_command", nargs="*", metavar="COMMAND", help="the training command and its arguments, after --")
 

@@ -17,9 +17,9 @@ def test_every_terminal_status_has_the_documented_exit_code():
         RunStatus.FINISHED: 0, RunStatus.ALREADY_FINISHED: 0,
         RunStatus.PREEMPTED: 75, RunStatus.PREEMPTED_UNSAVED: 75, RunStatus.LEASE_LOST: 75,
         RunStatus.FAILED: 1, RunStatus.CRASH_LOOP: 1, RunStatus.STORAGE_FAILED: 1,
-        RunStatus.CONFIG_ERROR: 2,
+        RunStatus.CONFIG_ERROR: 2, RunStatus.PEER_STOPPED: 76,
     }  # fmt: skip
-    assert ExitCode.PREEMPTED == 75
+    assert (ExitCode.PREEMPTED, ExitCode.PEER_STOPPED) == (75, 76)
 
 
 @pytest.mark.parametrize("status", [RunStatus.STARTING, RunStatus.RUNNING, RunStatus.SAVING,

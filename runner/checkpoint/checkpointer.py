@@ -252,7 +252,9 @@ class Checkpointer:
         stop = (request is not None and request.action == control.STOP) or control.preemption_requested()
         agreed = self._group.agree(_STOP if stop else _SAVE if request is not None else _GO)
         if agreed == _GO:
-            if self._due(step):
+            if self._due(step) and self.settings.async_save:
+                self._save_sharded_async(step, epoch, metrics)
+            elif self._due(step):
                 self._save_periodic_now(step, epoch, metrics)
             return False
         result = self.save(step, epoch=epoch, metrics=metrics,
@@ -340,9 +342,22 @@ class Checkpointer:
         self._committed(result, blocking)
         return result
 
+    def _save_sharded_async(self, step: int, epoch: int | None, metrics: dict[str, float] | None) -> None:
+        """Every rank: spool this step's shards (the stall), then publish and commit on the writer thread."""
+        try:
+            self._writer.wait()  # every rank gets the same outcome of the commit in flight
+        except StorageError as exc:
+            log.warning("the previous periodic save failed (%s); training goes on, next try at step %d", exc, step)
+        pending, spooled, save_number = self._spool(step, epoch, metrics, Reason.PERIODIC)
+        self._writer.submit(pending, commit=lambda p: self._commit_spooled(spooled, p, save_number, blocking=False))
+
     def _commit_sharded(self, step: int, epoch: int | None, metrics: dict[str, float] | None,
                         reason: Reason) -> CommitResult:
         """Every rank: save this step's shards; rank 0 commits (checkpoint/sharded.py). Blocks training."""
+        pending, spooled, save_number = self._spool(step, epoch, metrics, reason)
+        return self._commit_spooled(spooled, pending, save_number, blocking=True)
+
+    def _spool(self, step: int, epoch: int | None, metrics: dict[str, float] | None, reason: Reason) -> tuple:
         from runner.checkpoint import sharded
         from runner.checkpoint.writer import next_save_number
 
@@ -350,11 +365,20 @@ class Checkpointer:
         started = time.perf_counter()
         self._last_saved_step = step  # a failed periodic save is tried again at the next interval
         pending = self._pending(step, epoch, metrics, reason, components={}, capture_seconds=0.0)
-        manifest = sharded.save(self.store, self.run_id, self._group, self.components, pending,
-                                next_save_number(), fence=self._fence)
-        elapsed = time.perf_counter() - started
-        result = CommitResult(manifest, capture_seconds=0.0, write_seconds=elapsed)
-        self._committed(result, blocking=True, leader=self._group.is_coordinator)
+        save_number = next_save_number()
+        spooled = sharded.spool(self._group, self.components, step, save_number)
+        pending.capture_seconds = time.perf_counter() - started
+        return pending, spooled, save_number
+
+    def _commit_spooled(self, spooled: Any, pending: PendingSnapshot, save_number: int,
+                        blocking: bool) -> CommitResult:
+        from runner.checkpoint import sharded
+
+        started = time.perf_counter()
+        manifest = sharded.commit(self.store, self.run_id, self._group, spooled, pending, save_number,
+                                  fence=self._fence)
+        result = CommitResult(manifest, pending.capture_seconds, write_seconds=time.perf_counter() - started)
+        self._committed(result, blocking, leader=self._group.is_coordinator)
         return result
 
     def _committed(self, result: CommitResult, blocking: bool, leader: bool = True) -> None:

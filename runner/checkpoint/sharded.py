@@ -1,9 +1,12 @@
 """Sharded snapshots of torchrun jobs, through torch.distributed.checkpoint (DCP).
 
-Save (every rank, the same step): DCP plans the job-wide state dict and each
-rank writes its shards into one spool file (`__<rank>_0.distcp`, DCP's own
-format), which it publishes under the snapshot's fresh prefix together with
-its RNG streams (`rank-<rank>.pt`: they differ per rank).  One gather tells
+Save (every rank, the same step), in two halves.  `spool`, on the training
+thread: DCP plans the job-wide state dict and each rank writes its shards
+into one local spool file (`__<rank>_0.distcp`, DCP's own format) beside its
+RNG streams (`rank-<rank>.pt`: they differ per rank); that is the training
+stall.  `commit`, on the Checkpointer's writer thread for periodic saves (on
+the caller's for the others): each rank publishes its files under the
+snapshot's fresh prefix, over a gloo group of the writer threads' own.  One gather tells
 rank 0 that every rank's files are in the store, with their sizes and
 SHA-256; only then does rank 0 write the sharding plan (`dcp-plan.json`,
 JSON instead of DCP's pickled `.metadata`, see dcp_metadata.py) and create the
@@ -40,6 +43,7 @@ import os
 import pickle
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -97,6 +101,10 @@ class Group:
         self.rank = 0 if local else dist.get_rank()
         self.world_size = 1 if local else dist.get_world_size()
         self.pg = None if local else dist.new_group(backend="gloo")
+        # A commit runs on the writer thread while training goes on, so its collectives need a group of
+        # their own: a group's collectives must come in the same order on every rank, and step()'s votes
+        # on the training thread would interleave with them.
+        self.commit_pg = None if local else dist.new_group(backend="gloo")
 
     @property
     def is_coordinator(self) -> bool:
@@ -110,26 +118,30 @@ class Group:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.pg)
         return int(flag.item())
 
-    def broadcast(self, value: Any) -> Any:
-        """Rank 0's `value` on every rank (between our own ranks: pickle is theirs, not the bucket's)."""
+    def broadcast(self, value: Any, commit: bool = False) -> Any:
+        """Rank 0's `value` on every rank (between our own ranks: pickle is theirs, not the bucket's).
+
+        `commit`: over the commit group (the writer thread's), not the training thread's.
+        """
         if self.local:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=0, group=self.pg)
+        dist.broadcast_object_list(box, src=0, group=self.commit_pg if commit else self.pg)
         return box[0]
 
-    def all_gather(self, value: Any) -> list[Any]:
+    def all_gather(self, value: Any, commit: bool = False) -> list[Any]:
         if self.local:
             return [value]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, value, group=self.pg)
+        dist.all_gather_object(out, value, group=self.commit_pg if commit else self.pg)
         return out
 
     def close(self) -> None:
-        """Release our gloo group: left to the interpreter's exit, its threads can abort the process."""
-        if self.pg is not None and dist.is_initialized():
-            dist.destroy_process_group(self.pg)
-        self.pg = None
+        """Release our gloo groups: left to the interpreter's exit, their threads can abort the process."""
+        for pg in (self.pg, self.commit_pg):
+            if pg is not None and dist.is_initialized():
+                dist.destroy_process_group(pg)
+        self.pg = self.commit_pg = None
 
 
 # -- the state dicts DCP sees -------------------------------------------------------------
@@ -198,54 +210,95 @@ def _publish(store: Store, key: str, path: str, component: str, name: str) -> Fi
     return FileEntry(path=name, size=os.path.getsize(path), sha256=digest, component=component)
 
 
-def _write_rank_files(store: Store, run_id: str, sid: str, group: Group, state_dicts: dict[str, Any],
-                      save_number: int) -> tuple[list[FileEntry], bytes | None]:
-    """This rank's shards and RNG file, published; and, on rank 0, the plan's JSON."""
-    with tempfile.TemporaryDirectory(prefix=f"runner-spool-{os.getpid()}-") as folder:
-        writer = _SpoolWriter(folder)
-        dcp.save(state_dicts, storage_writer=writer, process_group=group.pg, no_dist=group.local)
-        entries = []
-        shards = sorted(n for n in os.listdir(folder) if n.endswith(".distcp"))
-        for index, name in enumerate(shards):
-            entries.append(_publish(store, layout.data_key(run_id, sid, name), os.path.join(folder, name),
-                                    SHARD_COMPONENT, name))
-            if index == 0:
-                fault("mid-data", save_number)
-        rng_path = os.path.join(folder, rng_file(group.rank))
-        state.serialize_to(state.capture_rng(), rng_path)
-        entries.append(_publish(store, layout.data_key(run_id, sid, rng_file(group.rank)), rng_path,
-                                f"{state.RNG_COMPONENT}.{group.rank}", rng_file(group.rank)))
-    plan = dcp_metadata.to_json(writer.plan) if writer.plan is not None else None
-    return entries, plan
+@dataclass
+class Spooled:
+    """One rank's part of a save on local disk (DCP's shard file and the RNG file), not yet published."""
+
+    sid: str
+    folder: tempfile.TemporaryDirectory | None = None
+    plan: bytes | None = None  # rank 0's: the sharding plan as JSON
+    problem: str | None = None  # why this rank has nothing to publish
+
+    def files(self, rank: int) -> list[tuple[str, str]]:
+        """(file name, component) of what to publish, shards first."""
+        assert self.folder is not None
+        shards = sorted(n for n in os.listdir(self.folder.name) if n.endswith(".distcp"))
+        return [(n, SHARD_COMPONENT) for n in shards] + [(rng_file(rank), f"{state.RNG_COMPONENT}.{rank}")]
+
+    def cleanup(self) -> None:
+        if self.folder is not None:
+            self.folder.cleanup()
+            self.folder = None
 
 
-def save(store: Store, run_id: str, group: Group, components: Mapping[str, Any], pending: PendingSnapshot,
-         save_number: int, fence: Any = None) -> Manifest:
-    """Every rank calls this at the same step; returns the committed manifest on every rank.
+def spool(group: Group, components: Mapping[str, Any], step: int, save_number: int) -> Spooled:
+    """Every rank, on the training thread, at the same step: DCP writes this rank's shards to local disk.
 
-    Raises SaveFailed on every rank when any rank failed (nothing committed),
-    lease.LeaseLostError when the fence refuses the commit.
+    This is the training stall of a sharded save (collective over the
+    training group).  A rank that fails returns its problem instead of
+    raising, so that every rank still reaches `commit`'s gather.
     """
     owners = _owners(components)
-    sid = group.broadcast(layout.new_snapshot_id(pending.step) if group.is_coordinator else None)
+    sid = group.broadcast(layout.new_snapshot_id(step) if group.is_coordinator else None)
     fault("before-data", save_number)
+    folder = tempfile.TemporaryDirectory(prefix=f"runner-spool-{os.getpid()}-")
     try:
-        entries, plan = _write_rank_files(store, run_id, sid, group, _state_dicts(components, owners), save_number)
-        mine: tuple[list[FileEntry], str | None] = (entries, None)
+        writer = _SpoolWriter(folder.name)
+        dcp.save(_state_dicts(components, owners), storage_writer=writer, process_group=group.pg,
+                 no_dist=group.local)
+        state.serialize_to(state.capture_rng(), os.path.join(folder.name, rng_file(group.rank)))
+        plan = dcp_metadata.to_json(writer.plan) if writer.plan is not None else None
+        return Spooled(sid, folder, plan)
+    except Exception as exc:
+        folder.cleanup()
+        return Spooled(sid, problem=f"rank {group.rank}: {exc}")
+
+
+def _publish_spooled(store: Store, run_id: str, spooled: Spooled, rank: int, save_number: int) -> list[FileEntry]:
+    assert spooled.folder is not None
+    entries = []
+    for index, (name, component) in enumerate(spooled.files(rank)):
+        entries.append(_publish(store, layout.data_key(run_id, spooled.sid, name),
+                                os.path.join(spooled.folder.name, name), component, name))
+        if index == 0:
+            fault("mid-data", save_number)
+    return entries
+
+
+def commit(store: Store, run_id: str, group: Group, spooled: Spooled, pending: PendingSnapshot,
+           save_number: int, fence: Any = None) -> Manifest:
+    """Every rank, after `spool` (on the writer thread for periodic saves): publish, then rank 0 commits.
+
+    Collective over the commit group.  Returns the committed manifest on
+    every rank; raises SaveFailed on every rank when any rank failed
+    (nothing committed), lease.LeaseLostError when the fence refuses.
+    """
+    try:
+        entries = [] if spooled.problem else _publish_spooled(store, run_id, spooled, group.rank, save_number)
+        mine: tuple[list[FileEntry], str | None] = (entries, spooled.problem)
     except Exception as exc:  # every rank must reach the gather, or the others would wait for ever
-        plan, mine = None, ([], f"rank {group.rank}: {exc}")
+        mine = ([], f"rank {group.rank}: {exc}")
+    finally:
+        spooled.cleanup()
     fault("before-manifest", save_number)
-    reports = group.all_gather(mine)
+    reports = group.all_gather(mine, commit=True)
     outcome: tuple[bytes | None, str | None] = (None, None)
     if group.is_coordinator:
-        outcome = _commit(store, run_id, sid, pending, reports, plan, fence)
-    manifest_bytes, problem = group.broadcast(outcome)
+        outcome = _commit(store, run_id, spooled.sid, pending, reports, spooled.plan, fence)
+    manifest_bytes, problem = group.broadcast(outcome, commit=True)
     if problem is not None and problem.startswith(_LEASE_LOST):
         raise lease.LeaseLostError(problem.removeprefix(_LEASE_LOST))
     if problem is not None:
         raise SaveFailed(f"sharded snapshot at step {pending.step} not committed: {problem}")
     fault("after-manifest", save_number)
     return Manifest.from_bytes(manifest_bytes)
+
+
+def save(store: Store, run_id: str, group: Group, components: Mapping[str, Any], pending: PendingSnapshot,
+         save_number: int, fence: Any = None) -> Manifest:
+    """`spool` then `commit`, on the calling thread: a save that returns committed (or raises on every rank)."""
+    return commit(store, run_id, group, spool(group, components, pending.step, save_number), pending, save_number,
+                  fence)
 
 
 def _commit(store: Store, run_id: str, sid: str, pending: PendingSnapshot,

@@ -246,11 +246,12 @@ class BackgroundWriter:
         self._inflight: Future[CommitResult] | None = None
         self._lock = threading.Lock()
 
-    def submit(self, pending: PendingSnapshot) -> Future[CommitResult]:
-        """Queue a commit after waiting for the one in flight (whose error is re-raised)."""
+    def submit(self, pending: PendingSnapshot,
+               commit: Callable[[PendingSnapshot], CommitResult] | None = None) -> Future[CommitResult]:
+        """Queue a commit (by `commit`, default the writer's) after waiting for the one in flight (its error is re-raised)."""
         self.wait()
         with self._lock:
-            self._inflight = self._pool.submit(self._commit, pending)
+            self._inflight = self._pool.submit(commit or self._commit, pending)
             return self._inflight
 
     def wait(self) -> CommitResult | None:

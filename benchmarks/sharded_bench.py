@@ -111,7 +111,7 @@ def _instrument() -> Phases:
     phases.wrap(checkpointer.Checkpointer, "_apply", "load_state_dict")
     # Sharded layout.
     phases.wrap(sharded, "_state_dicts", "get_state_dict")
-    phases.wrap(sharded, "_write_rank_files", "rank_files")  # DCP spool write + hash + publish
+    phases.wrap(sharded, "spool", "spool")  # DCP spool write + RNG file (the training stall)
     phases.wrap(sharded, "_publish", "hash+publish")
     phases.wrap(sharded, "_commit", "plan+manifest")  # rank 0
     phases.wrap(sharded, "load", "sharded_load")
@@ -425,9 +425,9 @@ def format_phases(result: dict[str, Any], args: argparse.Namespace) -> list[str]
                 rest = [("read+verify", r.get("read+verify", 0.0)), ("deserialize", r.get("deserialize", 0.0)),
                         ("load_state_dict", r.get("load_state_dict", 0.0))]
             else:
-                # DCP's own spool write (planning collectives included) is what _write_rank_files
-                # spends outside _publish; "publish" is inside "hash+publish".
-                dcp_write = s.get("rank_files", 0.0) - s.get("hash+publish", 0.0)
+                # DCP's own spool write (planning collectives and the RNG file included) is what spool()
+                # spends outside get_state_dict; "publish" is inside "hash+publish".
+                dcp_write = s.get("spool", 0.0) - s.get("get_state_dict", 0.0)
                 hashing = s.get("hash+publish", 0.0) - s.get("publish", 0.0)
                 save = [("get_state_dict", s.get("get_state_dict", 0.0)), ("dcp spool write", dcp_write),
                         ("sha256", hashing), ("publish", s.get("publish", 0.0)),

@@ -244,7 +244,7 @@ def test_a_store_failing_during_restore_is_an_error_not_a_fresh_start(
         s3_bucket_url: str, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     # Data reads keep failing (503) after every retry: that says nothing about the snapshots.
     # Falling back to older ones, and finally to step 0, would silently throw the run away.
-    run = Run(s3_bucket_url)
+    Run(s3_bucket_url)  # two committed snapshots, whose data reads will fail
 
     def data_get(method: str, path: str) -> bool:
         return method == "GET" and "/data/" in path.split("?")[0]

@@ -30,7 +30,7 @@ def test_demo_shows_the_interruption_and_the_resume_on_a_new_instance(tmp_path):
     step = emergency.group(2)
     assert "== instance 1 is gone: runner start exited 75 (preempted, resume elsewhere)" in out
     # The resume: a fresh supervisor finds that snapshot and the training continues from it.
-    assert f"runner: run demo-" in out and f"resuming from snapshot {emergency.group(1)} (step {step}, emergency)" in out
+    assert "runner: run demo-" in out and f"resuming from snapshot {emergency.group(1)} (step {step}, emergency)" in out
     assert f"voice: resuming at step {step}, 80 steps" in out
     assert "instance 2: runner start exited 0" in out and "finished at step 80" in out
     # The summary: the snapshot table, where it was interrupted, and the verdict.

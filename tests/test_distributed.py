@@ -12,6 +12,7 @@ step for step, and the final parameters must equal it up to float rounding
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -302,3 +303,13 @@ def test_a_notice_to_one_node_stops_both_at_one_step_and_both_resume(tmp_path, s
     b = Supervisor(tmp_path, "node-b2", s3_bucket_url, "multi", flags, env)
     assert (a.finish(), b.finish()) == (0, 0), a.output + b.output
     assert_follows(reference, tmp_path / "loss2", saved.step, tmp_path / "params.pt")
+
+    # The cost report: four paid segments, one interruption (the peer-stopped node was not reclaimed).
+    report = subprocess.run([PYTHON, "-m", "runner", "report", "--bucket", s3_bucket_url, "--run-id", "multi",
+                             "--format", "json", "--offline"], env=job_env(s3_env), capture_output=True, text=True,
+                            timeout=120)
+    assert report.returncode == 0, report.stderr
+    totals = json.loads(report.stdout)
+    assert sorted(seg["end_reason"] for seg in totals["segments"]) == ["finished", "finished", "peer-stopped",
+                                                                      "preempted"]
+    assert (totals["interruptions"], totals["status"], totals["lost_steps"]) == (1, "finished", 0)

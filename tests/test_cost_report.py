@@ -116,6 +116,23 @@ def test_overlapping_segments_from_a_split_start_are_both_paid_and_the_old_ones_
     assert curve[2000] == pytest.approx((2000 + 1000) / 3600 * 1.8)
 
 
+def test_a_multi_node_reclaim_is_one_interruption_and_its_emergency_snapshot_loses_nothing() -> None:
+    # Nodes a and b start together; a is reclaimed at 1000 s after the job's emergency snapshot at step 200
+    # (each node's ledger records it); b ends peer-stopped.  Both start again at 1100 s from step 200.
+    ledger = Ledger()
+    for node, offset in (("a", 0.0), ("b", 0.5)):  # the segment after a's is its peer b's, not the resume
+        ledger.start(f"{node}1", offset, 0, usd=1.0, od=4.0)
+        ledger.add(f"{node}1", "snapshot", 999, step=200, reason="emergency", stall_s=1.0, snapshot_id="s200")
+    ledger.add("a1", "end", 1000, reason="preempted", step=200, exit_code=75)
+    ledger.add("b1", "end", 1000, reason="peer-stopped", step=200, exit_code=76)
+    for node in ("a", "b"):
+        ledger.start(f"{node}2", 1100, 200, usd=1.0, od=4.0)
+        ledger.add(f"{node}2", "end", 2100, reason="finished", step=400, exit_code=0)
+    r = build_report("run", ledger.events, now=T0 + 9999)
+    assert (r.interruptions, r.lost_steps, r.lost_compute_seconds, r.steps) == (1, 0, 0, 400)
+    assert r.paid_seconds == pytest.approx(1000 + 999.5 + 2 * 1000)
+
+
 def test_a_price_change_mid_segment_is_integrated_not_sampled() -> None:
     ledger = (Ledger()
               .start("a", 0, 0, usd=1.0, od=5.0)

@@ -16,15 +16,15 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import PYTHON, ROOT, subprocess_env
+from helpers import PYTHON, ROOT, RendezvousStore, subprocess_env
 from runner.checkpoint import RunReader
 from runner.checkpoint.manifest import Manifest, Reason
 from runner.storage import Store, clear_caches
@@ -257,29 +257,12 @@ def test_a_corrupt_shard_sends_the_resume_back_to_the_snapshot_before(tmp_path, 
     assert newest.snapshot_id in done.stderr  # the skipped snapshot is named in a warning
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def rendezvous_store(tmp_path):
-    """`runner rendezvous` on a free loopback port, for the whole test."""
-    port = free_port()
-    proc = subprocess.Popen([PYTHON, "-m", "runner", "rendezvous", "--host", "127.0.0.1", "--port", str(port)],
-                            env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.2)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(30)
+def rendezvous_store() -> Iterator[str]:
+    """`runner rendezvous` on a free loopback port, for the whole test: its endpoint."""
+    store = RendezvousStore()
+    yield store.endpoint
+    store.stop()
 
 
 def test_a_notice_to_one_node_stops_both_at_one_step_and_both_resume(tmp_path, s3_bucket_url, s3_env,
@@ -312,4 +295,4 @@ def test_a_notice_to_one_node_stops_both_at_one_step_and_both_resume(tmp_path, s
     totals = json.loads(report.stdout)
     assert sorted(seg["end_reason"] for seg in totals["segments"]) == ["finished", "finished", "peer-stopped",
                                                                       "preempted"]
-    assert (totals["interruptions"], totals["status"], totals["lost_steps"]) == (1, "finished", 0)
+    assert (totals["interruptions"], totals["status"], totals["lost_steps"]) == (1, "finished", 0), report.stdout

@@ -293,10 +293,10 @@ def _lost_work(segments: list[Segment], marks: list[SnapshotMark]) -> None:
         if seg.end_reason not in INTERRUPTED + FAILED:
             continue
         later = segments[i + 1:]
-        if later:
-            resumed = later[0].start_step
-        else:
-            resumed = max((m.step for m in marks if m.time <= seg.end + 1.0 and m.step <= seg.end_step), default=0)
+        # What was committed by the end is kept, even when the next segment to start began earlier (a
+        # multi-node job's nodes start together: the first "later" one is a peer, not the resume).
+        kept = max((m.step for m in marks if m.time <= seg.end + 1.0 and m.step <= seg.end_step), default=0)
+        resumed = max(later[0].start_step, kept) if later else kept
         lost = max(0, seg.end_step - max(resumed, 0))
         if lost and seg.step_rate > 0:
             seg.lost_steps += lost

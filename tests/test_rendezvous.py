@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from helpers import PYTHON, subprocess_env
+from helpers import PYTHON, RendezvousStore, subprocess_env
 from runner import rendezvous
 
 WORKER = textwrap.dedent("""
@@ -34,37 +34,9 @@ WORKER = textwrap.dedent("""
 """)
 
 
-class Store:
-    """The store as a subprocess, started the way the rendezvous instance starts it."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([PYTHON, "-m", "runner.rendezvous", "--port", "0", "--host", "127.0.0.1"],
-                                     env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        found: list[str] = []
-        reader = threading.Thread(target=lambda: found.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(30)
-        line = found[0] if found else ""
-        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-        if not match:
-            self.stop()
-            pytest.fail(f"no ready line from the store: {line!r} {self.proc.stderr.read()}")
-        self.endpoint = f"127.0.0.1:{match.group(1)}"
-
-    def stop(self, signum: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signum)
-        try:
-            return self.proc.wait(10)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture(scope="module")
-def store() -> Iterator[Store]:
-    started = Store()
+def store() -> Iterator[RendezvousStore]:
+    started = RendezvousStore(("-m", "runner.rendezvous"))
     yield started
     started.stop()
 
@@ -138,7 +110,7 @@ def test_rendezvous_id_moves_every_node_to_the_next_incarnation_once_the_job_clo
 
 
 def test_sigterm_stops_the_store_with_exit_0():
-    started = Store()
+    started = RendezvousStore(("-m", "runner.rendezvous"))
     assert rendezvous.rendezvous_id(started.endpoint, "x", timeout_s=10) == "x.0"  # it serves
     assert started.stop(signal.SIGTERM) == 0
     assert started.proc.stderr.read() == ""

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from helpers import PYTHON, subprocess_env
+from helpers import PYTHON, RendezvousStore, subprocess_env
 from runner.rendezvous import RendezvousUnavailable, rendezvous_id
 from runner.supervisor.config import StartConfig
 from runner.supervisor.launch import JOIN_TIMEOUT_S, child_command, multi_node
@@ -98,32 +98,6 @@ def test_interpreter_options_give_a_command_torchrun_accepts_or_are_refused(comm
         as_torchrun_reads_it(child_command(cfg))
     except SystemExit:
         pytest.fail(f"torchrun refuses {child_command(cfg)}")
-
-
-class RendezvousStore:
-    """`python -m runner rendezvous` on a free loopback port, as the on-demand instance runs it."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([PYTHON, "-m", "runner", "rendezvous", "--port", "0", "--host", "127.0.0.1"],
-                                     env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(60)
-        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", lines[0] if lines else "")
-        if not match:
-            self.stop()
-            pytest.fail(f"the store did not start: {lines} {self.proc.stderr.read()}")
-        self.endpoint = f"127.0.0.1:{match.group(1)}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")

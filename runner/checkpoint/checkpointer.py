@@ -252,10 +252,9 @@ class Checkpointer:
         stop = (request is not None and request.action == control.STOP) or control.preemption_requested()
         agreed = self._group.agree(_STOP if stop else _SAVE if request is not None else _GO)
         if agreed == _GO:
-            if self._due(step) and self.settings.async_save:
-                self._save_sharded_async(step, epoch, metrics)
-            elif self._due(step):
-                self._save_periodic_now(step, epoch, metrics)
+            if self._due(step):
+                periodic = self._save_sharded_async if self.settings.async_save else self._save_periodic_now
+                periodic(step, epoch, metrics)
             return False
         result = self.save(step, epoch=epoch, metrics=metrics,
                            reason=Reason.EMERGENCY if agreed == _STOP else Reason.MANUAL)

@@ -45,6 +45,9 @@ from runner.storage import Store
 
 NOTICE_AT = 0.4  # of the steps
 POLL_INTERVAL_S = 1.0  # how often the supervisors poll the simulator (AWS advises 5 s; runner's default is 2 s)
+# Instance 1's steps after the notice last at least this long, so that its supervisor sees the notice while
+# the training still runs: a short demo on a fast machine otherwise finishes before the next poll.
+NOTICE_WINDOW_S = 4 * POLL_INTERVAL_S
 PREEMPTED = 75
 
 
@@ -88,9 +91,7 @@ def run(cfg: DemoConfig) -> int:
     save_every = cfg.save_every_steps or max(1, cfg.steps // 6)
     command = [sys.executable, "-m", "runner.examples.voice", "--steps", str(cfg.steps),
                "--log-every", str(max(1, cfg.steps // 10))]  # fmt: skip
-    if cfg.step_sleep:
-        command += ["--step-sleep", str(cfg.step_sleep)]
-    demo = _Demo(bucket, run_id, reader, ref_reader, save_every, command)
+    demo = _Demo(bucket, run_id, reader, ref_reader, save_every, command, cfg.step_sleep)
     with tempfile.TemporaryDirectory(prefix="runner-demo-") as work:
         demo.work = Path(work)
         try:
@@ -103,9 +104,9 @@ def run(cfg: DemoConfig) -> int:
 
 class _Demo:
     def __init__(self, bucket: str, run_id: str, reader: RunReader, ref_reader: RunReader, save_every: int,
-                 command: list[str]):
+                 command: list[str], step_sleep: float):
         self.bucket, self.run_id, self.reader, self.ref_reader = bucket, run_id, reader, ref_reader
-        self.save_every, self.command = save_every, command
+        self.save_every, self.base_command, self.step_sleep = save_every, command, step_sleep
         self.work = Path(".")
 
     def story(self, cfg: DemoConfig) -> None:
@@ -174,14 +175,15 @@ class _Demo:
     def _instance(self, name: str, reader: RunReader, notice_step: int | None = None, resume_step: int = 0,
                   quiet: bool = False) -> tuple[Watched, Watched | None]:
         """Run one instance to its end; the second value is set when the spot notice was sent."""
+        command = self._command(notice_step)
         with ImdsSimulator() as sim:
-            argv = supervisor_argv(self.bucket, reader.run_id, self.command, sim.url,
+            argv = supervisor_argv(self.bucket, reader.run_id, command, sim.url,
                                    save_every_steps=self.save_every, poll_interval_s=POLL_INTERVAL_S)
             if not quiet:
                 _say(f"   EC2 metadata simulator at {sim.url}: no spot notice yet (404)")
                 _say(f"   $ runner start --bucket {self.bucket} --run-id {reader.run_id} --notice-source ec2 "
                      f"--imds-endpoint {sim.url} --save-every-steps {self.save_every} -- "
-                     f"python -m runner.examples.voice {' '.join(self.command[3:])}")
+                     f"python -m runner.examples.voice {' '.join(command[3:])}")
             # Shown: the supervisor's log and the training's output in one stream, in order.
             log = open(self.work / f"{name}.log", "w") if quiet else None
             sys.stdout.flush()
@@ -203,6 +205,14 @@ class _Demo:
                 if log is not None:
                     log.close()
         return seen, (seen if sent else None)
+
+    def _command(self, notice_step: int | None) -> list[str]:
+        """The training command; the instance that gets the notice keeps training through NOTICE_WINDOW_S."""
+        steps = int(self.base_command[self.base_command.index("--steps") + 1])
+        sleep = self.step_sleep
+        if notice_step is not None:
+            sleep = max(sleep, round(NOTICE_WINDOW_S / max(1, steps - notice_step), 3))
+        return self.base_command + (["--step-sleep", str(sleep)] if sleep else [])
 
     def _tail(self, name: str) -> str:
         try:

@@ -18,12 +18,16 @@ class FlakyProxy:
 
     It fails the first `fail_first` requests, and every request for which
     `fail(method, path)` is true; `requests` counts what it was asked.
+    `hold(method, path)`, when given, is called before a request is
+    forwarded: it may block, to keep that request in flight.
     """
 
     HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
-    def __init__(self, upstream: str, fail_first: int = 0, fail: Callable[[str, str], bool] | None = None):
+    def __init__(self, upstream: str, fail_first: int = 0, fail: Callable[[str, str], bool] | None = None,
+                 hold: Callable[[str, str], None] | None = None):
         self.upstream = urllib.parse.urlsplit(upstream)
+        self.hold = hold or (lambda method, path: None)
         self.fail_first = fail_first
         self.fail = fail or (lambda method, path: False)
         self.requests = 0
@@ -66,6 +70,7 @@ class FlakyProxy:
                     if self.command != "HEAD":
                         self.wfile.write(payload)
                     return
+                proxy.hold(self.command, self.path)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy.HOP}
                 headers["Content-Length"] = str(len(body))
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)

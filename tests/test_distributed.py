@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flaky_proxy import FlakyProxy
 from helpers import PYTHON, ROOT, RendezvousStore, subprocess_env
 from runner.checkpoint import RunReader
 from runner.checkpoint.manifest import Manifest, Reason
@@ -165,6 +167,38 @@ def test_two_workers_save_one_step_on_sigterm_and_resume_on_three_and_on_one(tmp
     sup1 = Supervisor(tmp_path, "one", s3_bucket_url, "plain", [], env1)
     assert sup1.finish() == 0, sup1.output
     assert_follows(reference, plain, saved.step, tmp_path / "params1.pt")
+
+
+def test_a_periodic_save_commits_in_the_background_while_training_goes_on(tmp_path, s3_bucket_url, s3_env):
+    # The step-4 snapshot's uploads are held at a proxy in front of moto until the job has trained step 6.
+    uploads_may_go = threading.Event()
+
+    def hold(method: str, path: str) -> None:
+        if method in ("PUT", "POST") and "/data/000000000004-" in path:
+            uploads_may_go.wait(120)
+
+    log = tmp_path / "loss"
+    with FlakyProxy(s3_env["AWS_ENDPOINT_URL"], hold=hold) as proxy:
+        env = job_env(s3_env, RUNNER_BUCKET=s3_bucket_url, RUNNER_RUN_ID="bg", RUNNER_SAVE_EVERY_STEPS="4",
+                      TOTAL_STEPS="8", LOSS_LOG=str(log), AWS_ENDPOINT_URL=proxy.url)
+        job = subprocess.Popen([*TORCHRUN, "--nproc-per-node", "2", JOB], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while max(losses(log), default=0) < 6:
+                assert job.poll() is None and time.monotonic() < deadline, "training stopped at the save of step 4"
+                time.sleep(0.1)
+            assert manifests(s3_bucket_url, "bg") == []  # step 4 is still being uploaded
+        finally:
+            uploads_may_go.set()
+            try:
+                out, _ = job.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(job.pid, signal.SIGKILL)
+                out, _ = job.communicate()
+    assert job.returncode == 0, out
+    committed = sorted((m.step, m.reason.value) for m in manifests(s3_bucket_url, "bg"))
+    assert committed == [(4, "periodic"), (8, "final"), (8, "periodic")]
 
 
 def launch(ranks: int) -> list[str]:

@@ -283,7 +283,7 @@ class Supervisor:
         try:
             command = child_command(cfg, rdzv_id)
             child = Child.start(command, env, control_dir)
-        except (ChildStartError, RendezvousUnavailable):
+        except ChildStartError:
             os.rmdir(control_dir)
             raise
         self.child, self._resume, self._last_progress, self._peer_stop = child, resume, None, None

@@ -7,7 +7,9 @@ the newest valid snapshot or a pinned one, never touches a snapshot whose
 manifest is invalid (that is for an operator to judge), and deletes the
 manifest first, then the data, so a kill mid-way leaves invisible garbage
 rather than a manifest pointing at nothing.  Data prefixes with no manifest
-are swept once older than `orphan_age_s` (a writer may still be uploading).
+are swept once older than `orphan_age_s` (a writer may still be uploading),
+and only after a last look that no manifest names them: data that a
+manifest names is never deleted but with that manifest.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ def apply(reader: RunReader, gc: GcPlan) -> int:
         log.info("retention: deleted snapshot %s (step %d)", manifest.snapshot_id, manifest.step)
     deleted = len(manifests) + len(data)
     for sid in gc.orphans:
+        if store.exists(layout.manifest_key(run, sid)):
+            continue  # committed since the plan's listing (a slow writer): its data is named now
         keys = [o.key for o in store.list(layout.data_prefix(run, sid))]
         store.delete(keys)
         deleted += len(keys)

@@ -64,7 +64,7 @@ from runner import lease
 from runner.checkpoint import dcp_metadata, layout, state
 from runner.checkpoint.manifest import FileEntry, Manifest
 from runner.checkpoint.reader import CorruptSnapshotError, RunReader
-from runner.checkpoint.writer import PendingSnapshot, fault, manifest_for
+from runner.checkpoint.writer import PendingSnapshot, create_manifest, fault, manifest_for
 from runner.errors import ConfigError, StateMismatchError, UnsafeDataError
 from runner.storage import StorageError, Store
 
@@ -317,7 +317,7 @@ def _commit(store: Store, run_id: str, sid: str, pending: PendingSnapshot,
                                component=PLAN_COMPONENT))
         manifest = manifest_for(run_id, sid, pending, files, sharded=True)
         data = manifest.to_bytes()
-        store.create_bytes(layout.manifest_key(run_id, sid), data)
+        create_manifest(store, run_id, data, sid)
         return data, None
     except lease.LeaseLostError as exc:  # every rank stops, as a single process would
         return None, f"{_LEASE_LOST}{exc}"

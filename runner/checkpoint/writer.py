@@ -44,9 +44,10 @@ from typing import Any
 
 import torch
 
+from runner import lease
 from runner.checkpoint import layout, state
 from runner.checkpoint.manifest import FORMAT_VERSION, SHARDED_FORMAT_VERSION, FileEntry, Manifest, Reason
-from runner.storage import Store
+from runner.storage import ObjectExistsError, Store
 
 FAULT_ENV = "RUNNER_FAULT_KILL_AT"
 PHASES = ("before-data", "mid-data", "before-manifest", "after-manifest")
@@ -54,6 +55,10 @@ PHASES = ("before-data", "mid-data", "before-manifest", "after-manifest")
 # Data files published at once while the writer thread serializes the next component.
 # Local stores too: an fsync of the previous file overlaps the next serialization.
 _PUBLISH_THREADS = 4
+
+
+class ConcurrentWriterError(lease.LeaseLostError):
+    """Another writer created the manifest of this writer's fresh snapshot id: it is fenced, nothing committed."""
 
 
 @dataclass
@@ -210,9 +215,24 @@ def write_snapshot(store: Store, run_id: str, pending: PendingSnapshot,
     if fence is not None:
         fence()
     manifest = manifest_for(run_id, sid, pending, files)
-    store.create_bytes(layout.manifest_key(run_id, sid), manifest.to_bytes())
+    create_manifest(store, run_id, manifest.to_bytes(), sid)
     fault("after-manifest", save_number)
     return CommitResult(manifest, pending.capture_seconds, time.perf_counter() - started)
+
+
+def create_manifest(store: Store, run_id: str, body: bytes, sid: str) -> None:
+    """Commit: create the manifest exclusively.
+
+    A create whose reply was lost reads back as ours (`Store.create_bytes`) and
+    is committed like any other.  A manifest with other bytes at our fresh key
+    can only be another writer's: that is reported, never taken for ours.
+    """
+    try:
+        store.create_bytes(layout.manifest_key(run_id, sid), body)
+    except ObjectExistsError as exc:
+        raise ConcurrentWriterError(
+            f"run {run_id}: the manifest of snapshot {sid} was created by another writer; not committed "
+            "(is a second instance writing this run?)") from exc
 
 
 def manifest_for(run_id: str, sid: str, pending: PendingSnapshot, files: list[FileEntry],

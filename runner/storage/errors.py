@@ -58,6 +58,16 @@ class UnsupportedURLError(StorageError, ValueError):
 
 _TRANSIENT_ERRNOS = {errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.EREMOTEIO, errno.EAGAIN}
 _TRANSIENT_STATUS = {500, 502, 503, 504}
+# Error codes worth another try whatever the status: botocore's standard retry mode's
+# throttling and transient codes (botocore/retries/standard.py), which S3 and its
+# look-alikes send (SlowDown with 503, RequestTimeout with 400).
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException", "TransactionInProgressException",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException", "RequestThrottled",
+    "EC2ThrottledException", "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete",
+    "InternalError", "ServiceUnavailable",
+})
 # Throttling and server-side error codes, or a 5xx status as a word (not inside a port like ":45003").
 _TRANSIENT_TEXT = re.compile(r"SlowDown|Throttl|RequestTimeout|InternalError|ServiceUnavailable|\b50[0234]\b")
 
@@ -78,6 +88,20 @@ _DROPPED_ERRORS: tuple[type[BaseException], ...] = (
 if aiohttp is not None:
     _CONNECTION_ERRORS += (aiohttp.ClientConnectorError,)
     _DROPPED_ERRORS += (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)
+
+
+def retryable_reply(status: int | None, code: str | None) -> bool:
+    """True for an HTTP reply that another try of the same request may turn into a success."""
+    return status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES
+
+
+def retryable_request_error(exc: BaseException) -> bool:
+    """True for a request that failed without a reply (refused, reset, timed out): send it again.
+
+    Wider than `is_transient`: a refused connection is worth a few quick tries
+    of one request, not the whole operation's backoff.
+    """
+    return isinstance(exc, (boto_exc.ConnectionError, boto_exc.HTTPClientError, *_DROPPED_ERRORS))
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -16,6 +16,34 @@ write here is whole-object or nothing:
 Every call goes through one retry wrapper (throttling, 5xx, dropped
 connections, with exponential backoff) and one error table (`errors.py`).
 
+Retries never touch the training's random streams.  A retry's jitter must not
+come from python's global `random` (nor numpy's or torch's global generators):
+the writer thread would shift the user's stream at a moment that depends on
+the network, and "resumes bit for bit" would hold only on days without a
+throttle.  So:
+- `RetryPolicy` draws its jitter from a private `random.Random` of its own.
+- botocore's own retry modes draw theirs from the global `random.random`
+  (`botocore.retries.standard.ExponentialBackoff`, `retryhandler`), so its
+  retries are switched off (`total_max_attempts=1`: its handler then never
+  computes a delay) and one `needs-retry` handler of ours, registered on the
+  aiobotocore session that every S3 client of a store is made from, sends a
+  failed request again: the same replies botocore's standard mode would retry
+  (5xx, throttling codes, resets and timeouts; `errors.retryable_reply`), with
+  `RetryPolicy`'s delays.  A `retries.total_max_attempts` in `config_kwargs`
+  sets how often one request is tried.
+- Whole operations (an upload of many parts, a listing) that still fail are
+  retried once more here, in `Store._call`, with the same policy.
+s3fs's own retry loop sleeps for fixed times, and tempfile and uuid keep
+their own generators; a test wraps a save and restore with forced retries
+and checks that the three global streams are untouched.
+
+Exclusive creates survive a lost reply.  When the reply to a create was lost
+after the store applied it, the retry finds the key taken (412).  The key is
+then read back: if it holds exactly the bytes we sent, the create was ours
+and it succeeded.  Callers make each body unique to its writer (a manifest
+names its fresh snapshot id, a lease record its holder and time), so another
+writer's create never reads back as ours.
+
 Large data goes through a spool file (`spool_path` + `write_file`) rather
 than through bytes in memory: a writer streams into a file, which releases
 the GIL where building a large `bytes` does not, and a local store publishes
@@ -35,17 +63,20 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from runner.storage.errors import (
+    ObjectExistsError,
     StorageError,
     StoreNotFoundError,
     UnsupportedURLError,
     is_transient,
+    retryable_reply,
+    retryable_request_error,
     translate,
 )
 
@@ -80,14 +111,66 @@ class ObjectInfo:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter for transient failures."""
+    """Exponential backoff with jitter for transient failures.
+
+    The jitter comes from a generator of the policy's own, never from the
+    process-global `random` stream that training code draws from.
+    """
 
     attempts: int = 5
     base_delay: float = 0.2
     max_delay: float = 5.0
+    jitter: random.Random = field(default_factory=random.Random, compare=False, repr=False)
 
     def delay(self, attempt: int) -> float:
-        return min(self.max_delay, self.base_delay * 2**attempt) * (0.5 + random.random() / 2)
+        return min(self.max_delay, self.base_delay * 2**attempt) * (0.5 + self.jitter.random() / 2)
+
+
+class _RequestRetries:
+    """botocore's `needs-retry` event: send a failed request again, with our delays.
+
+    Returns the seconds to wait before the next try, or None (no retry): a
+    reply botocore's standard mode would retry (5xx, throttling, request
+    timeouts) or a request that got no reply (refused, reset, timed out).
+    `attempts` counts the tries made so far.
+    """
+
+    def __init__(self, policy: RetryPolicy, attempts: int):
+        self.policy, self.attempts = policy, attempts
+
+    def __call__(self, attempts: int, response: Any = None, caught_exception: BaseException | None = None,
+                 **_: Any) -> float | None:
+        if attempts >= self.attempts:
+            return None
+        if caught_exception is not None:
+            retry = retryable_request_error(caught_exception)
+        else:
+            parsed = (response[1] if response else None) or {}
+            retry = retryable_reply(parsed.get("ResponseMetadata", {}).get("HTTPStatusCode"),
+                                    parsed.get("Error", {}).get("Code"))
+        return self.policy.delay(attempts - 1) if retry else None
+
+
+_sessions: dict[tuple[str | None, RetryPolicy, int], Any] = {}
+_sessions_lock = threading.Lock()
+
+
+def _retrying_session(profile: str | None, policy: RetryPolicy, attempts: int) -> Any:
+    """The aiobotocore session (one per profile and policy, kept like s3fs's instances) whose clients retry our way.
+
+    A handler registered on a session is copied into every client made from
+    it, including the clients s3fs makes again after a fork or per region.
+    """
+    from aiobotocore.session import AioSession
+
+    key = (profile, policy, attempts)
+    with _sessions_lock:
+        session = _sessions.get(key)
+        if session is None:
+            session = AioSession(profile=profile)
+            session.register("needs-retry.s3", _RequestRetries(policy, attempts), unique_id="runner-retries")
+            _sessions[key] = session
+        return session
 
 
 def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
@@ -117,21 +200,30 @@ def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
-    """Bounded timeouts and botocore's standard retry mode, unless the user set them.
+# Tries of one S3 request (the first included), unless config_kwargs.retries says otherwise.
+_REQUEST_ATTEMPTS = 3
+
+
+def _s3_defaults(options: dict[str, Any], policy: RetryPolicy) -> dict[str, Any]:
+    """Bounded timeouts, and request retries that are ours rather than botocore's (see the module note).
 
     An endpoint that drops connections (wrong AWS_ENDPOINT_URL, a firewall)
     fails after 3 attempts x 3 s plus backoff, about 10 s; throttles and 5xx
-    get botocore's 3 attempts, each retried again by `Store._call`.
-    The endpoint, credentials, region and profile come from the standard AWS
-    chain (AWS_ENDPOINT_URL, AWS_PROFILE, ...), which botocore reads itself.
+    get 3 tries of each request, and the whole operation is retried again by
+    `Store._call`.  The endpoint, credentials, region and profile come from the
+    standard AWS chain (AWS_ENDPOINT_URL, AWS_PROFILE, ...), which botocore
+    reads itself; a `session` given by the caller is used as it is.
     """
     opts = dict(options)
     config = dict(opts.get("config_kwargs") or {})
     config.setdefault("connect_timeout", 3)
     config.setdefault("read_timeout", 60)
-    config.setdefault("retries", {"total_max_attempts": 3, "mode": "standard"})
+    asked = dict(config.get("retries") or {})
+    attempts = int(asked.get("total_max_attempts") or (asked.get("max_attempts", _REQUEST_ATTEMPTS - 1) + 1))
+    config["retries"] = {"total_max_attempts": 1, "mode": "standard"}  # botocore's jitter is the global stream
     opts["config_kwargs"] = config
+    if "session" not in opts:
+        opts["session"] = _retrying_session(opts.pop("profile", None), policy, max(1, attempts))
     if "endpoint_url" not in opts and os.environ.get("AWS_ENDPOINT_URL_S3"):
         opts["endpoint_url"] = os.environ["AWS_ENDPOINT_URL_S3"]
     return opts
@@ -149,7 +241,7 @@ class Store:
         options = dict(storage_options or {})
         protocol = fsspec.utils.get_protocol(url)
         if protocol in ("s3", "s3a"):
-            options = _s3_defaults(options)
+            options = _s3_defaults(options, self.retry)
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **options)
         except (ValueError, ImportError) as exc:
@@ -289,12 +381,32 @@ class Store:
         os.replace(src, dst)
 
     def create_bytes(self, key: str, data: bytes) -> None:
-        """Exclusive create: raises `ObjectExistsError` if `key` already exists."""
+        """Exclusive create: raises `ObjectExistsError` if `key` already holds other bytes.
+
+        A key that holds exactly `data` is our own create whose reply was lost
+        (the store applied it, the retry was refused): that is a success.  The
+        caller's bytes must be unique to its writer for this to be exclusive.
+        """
         path = self.path(key)
-        if self.is_local:
-            self._call(self._local_write, path, data, exclusive=True, key=key)
-        else:
-            self._call(self.fs.pipe_file, path, data, mode="create", key=key)
+        try:
+            if self.is_local:
+                self._call(self._local_write, path, data, exclusive=True, key=key)
+            else:
+                self._call(self.fs.pipe_file, path, data, mode="create", key=key)
+        except ObjectExistsError:
+            if self._holds(key, data):
+                log.info("the reply to creating %s was lost, but the object is ours: created", key)
+                return
+            raise
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        """True when `key` exists with exactly `data` (read back after a refused create)."""
+        if not self.is_local:
+            self.fs.invalidate_cache(self.path(key))
+        try:
+            return self.read_bytes(key) == data
+        except StorageError:  # gone again, or unreadable: not provably ours
+            return False
 
     def _local_write(self, path: str, data: bytes, exclusive: bool) -> None:
         folder = os.path.dirname(path)
@@ -507,7 +619,9 @@ def _prune_empty_dirs(folders: set[str], stop: str) -> None:
 
 
 def clear_caches() -> None:
-    """Forget cached filesystem instances (tests, and after a fork)."""
+    """Forget cached filesystem instances and sessions (tests, and after a fork)."""
+    with _sessions_lock:
+        _sessions.clear()
     for cls in list(fsspec.registry.values()) if hasattr(fsspec.registry, "values") else []:
         clear = getattr(cls, "clear_instance_cache", None)
         if clear:

@@ -89,7 +89,10 @@ class Parts:
 
 
 def build(seed: int = 0, hidden: int = 8, width: int = 4) -> Parts:
+    """A fresh model and its training state; seeds all three global RNG streams (a fresh run is reproducible)."""
     torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
     model = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(0.5), nn.Linear(hidden, 2))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
@@ -119,6 +122,18 @@ def digest(module: nn.Module) -> str:
         h.update(key.encode())
         h.update(tensor.detach().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def fingerprint(parts: Parts) -> dict[str, str]:
+    """SHA-256 of the parameters, the optimizer state and the three global RNG streams, as they are now."""
+    import io
+    import pickle
+
+    optimizer = io.BytesIO()
+    torch.save(parts.optimizer.state_dict(), optimizer)
+    rng = pickle.dumps((random.getstate(), np.random.get_state(legacy=False))) + torch.get_rng_state().numpy().tobytes()
+    return {"params": digest(parts.model), "optimizer": hashlib.sha256(optimizer.getvalue()).hexdigest(),
+            "rng": hashlib.sha256(rng).hexdigest()}
 
 
 # -- processes -----------------------------------------------------------------
@@ -156,11 +171,13 @@ def train(bucket: str, run_id: str, steps: int, save_every: int, log: str, *, st
     import runner
 
     parts = build(seed=1234)
+    began = time.perf_counter()  # `seconds`: the Checkpointer's start and restore (runner's part of start-up)
     ckpt = runner.Checkpointer(bucket, run_id, save_every_steps=save_every, keep_last=3,
                                async_save=async_save, **parts.components())
     step = ckpt.restore()
     restored = ckpt.last_snapshot
     _record(log, event="restored", step=step, pid=os.getpid(), digest=digest(parts.model),
+            seconds=time.perf_counter() - began,
             snapshot=restored.snapshot_id if restored else None, finished=ckpt.finished,
             verify=ckpt.reader.verify(restored) if restored else None)
     while step < steps:
@@ -174,8 +191,10 @@ def train(bucket: str, run_id: str, steps: int, save_every: int, log: str, *, st
             ckpt.close()
             return 0
         time.sleep(step_sleep)
+    done = fingerprint(parts)  # before the final save: it must not move anything
     result = ckpt.save(step, final=True)
-    _record(log, event="finished", step=step, snapshot=result.manifest.snapshot_id, digest=digest(parts.model))
+    _record(log, event="finished", step=step, snapshot=result.manifest.snapshot_id, digest=digest(parts.model),
+            fingerprint=done, after_save=fingerprint(parts))
     ckpt.close()
     return 0
 

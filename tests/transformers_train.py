@@ -2,14 +2,15 @@
 
 A 2-layer GPT-2 built from a config (no downloads) on a synthetic dataset,
 on CPU.  For the tests it prints, per optimizer step, `loss <step> <float.hex>`
-(the exact loss, not the Trainer's rounded log) and, at the end, a SHA-256 of
-the final parameters.
+(the exact loss, not the Trainer's rounded log), and at the end the
+callback's save timings and a SHA-256 of the final parameters.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 import time
 
@@ -56,11 +57,14 @@ def main() -> int:
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--output-dir", default="out")
     p.add_argument("--save-total-limit", type=int, default=0)
+    p.add_argument("--n-embd", type=int, default=32)  # larger models for timing saves
+    p.add_argument("--n-layer", type=int, default=2)
     a = p.parse_args()
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32))
+    model = GPT2LMHeadModel(GPT2Config(n_layer=a.n_layer, n_head=2, n_embd=a.n_embd, vocab_size=64,
+                                                n_positions=32))
     args = TrainingArguments(
         output_dir=a.output_dir, max_steps=a.steps, per_device_train_batch_size=8, learning_rate=3e-3,
         warmup_steps=3, save_strategy="steps", save_steps=a.save_steps, save_total_limit=a.save_total_limit or None,
@@ -72,6 +76,7 @@ def main() -> int:
     print(f"child: resume from {resume}", flush=True)
     trainer.train(resume_from_checkpoint=resume)
     callback.close()
+    print(f"child: saves {json.dumps(callback.commits)}", flush=True)
     if runner.preemption_requested():
         print(f"child: stopped at step {trainer.state.global_step}", flush=True)
         return 0

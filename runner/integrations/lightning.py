@@ -1,8 +1,8 @@
 """PyTorch Lightning inside runner: Lightning's own checkpoint, published as a runner snapshot.
 
-Owns `RunnerCheckpoint` (a Lightning `Callback`), `RunnerCheckpointIO` (the
-`CheckpointIO` plugin it installs) and `ResumableDataLoader` (a DataLoader
-whose position Lightning saves, for an exact mid-epoch resume):
+Owns `RunnerCheckpoint` (a Lightning `Callback`) and `RunnerCheckpointIO` (the
+`CheckpointIO` plugin it installs); re-exports `ResumableDataLoader`
+(integrations/resumable_loader.py), whose position Lightning saves:
 
     ckpt = RunnerCheckpoint.from_env()            # what `runner start` passes
     trainer = L.Trainer(callbacks=[ckpt], enable_checkpointing=False, ...)
@@ -48,7 +48,6 @@ Design notes (why it is built this way):
 from __future__ import annotations
 
 import logging
-import math
 import os
 import pickle
 import tempfile
@@ -63,8 +62,8 @@ from runner import control
 from runner.checkpoint import Checkpointer, state
 from runner.checkpoint.manifest import Manifest, Reason
 from runner.checkpoint.reader import CorruptSnapshotError
-from runner.data import ShardedBatchSampler
 from runner.errors import ConfigError, SnapshotNotFoundError, UnsafeDataError
+from runner.integrations.resumable_loader import ResumableDataLoader
 
 log = logging.getLogger("runner.integrations.lightning")
 
@@ -181,10 +180,6 @@ class RunnerCheckpoint(Callback):
     def run_id(self) -> str:
         return self.checkpointer.run_id
 
-    @property
-    def state_key(self) -> str:
-        return f"RunnerCheckpoint[{self.run_id}]"
-
     # -- resume ----------------------------------------------------------------
 
     def resume_path(self) -> str | None:
@@ -281,7 +276,7 @@ class RunnerCheckpoint(Callback):
             self._rng = None
         if self._fetched is not None:
             self.io._ours.discard(self._fetched)
-            _remove(self._fetched)  # a local cache only; the bucket holds the snapshot
+            _remove(self._fetched, folder_too=self.cache_dir is None)  # a local cache; the bucket holds the snapshot
             self._fetched = None
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -293,9 +288,12 @@ class RunnerCheckpoint(Callback):
         if self.checkpointer.step(step, epoch=trainer.current_epoch, metrics=metrics):
             self.preempted = True
             trainer.should_stop = True
-            log.info("run %s: stopping at step %d for a preemption (snapshot committed)", self.run_id, step)
+            log.info("run %s: stopping the trainer at step %d, as asked", self.run_id, step)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        resumed = self.resumed_from
+        if resumed is not None and resumed.final and trainer.global_step == resumed.step:
+            return  # resumed a finished run: it is marked finished already
         if not self.preempted and not control.preemption_requested():
             self.checkpointer.save(trainer.global_step, epoch=trainer.current_epoch, final=True)
 
@@ -314,6 +312,9 @@ class RunnerCheckpoint(Callback):
 
     def _save_given(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint Lightning made on its own (ModelCheckpoint, trainer.save_checkpoint): a manual snapshot."""
+        if "optimizer_states" not in checkpoint:  # resuming from it would fail: never let it be the newest
+            log.warning("not publishing a weights-only checkpoint as a snapshot: it cannot resume training")
+            return
         self._state.given = checkpoint
         try:
             self.checkpointer.save(int(checkpoint.get("global_step", 0)), epoch=int(checkpoint.get("epoch", 0)),
@@ -328,80 +329,10 @@ class RunnerCheckpoint(Callback):
             log.warning("the last periodic save failed: %s", exc)
 
 
-class ResumableDataLoader(torch.utils.data.DataLoader):
-    """A DataLoader whose position Lightning saves and restores, so a mid-epoch resume is exact.
-
-    The order is runner's `ShardedBatchSampler` (one seeded permutation per
-    epoch, no draw from the global RNG); the position is counted in batches
-    *delivered* to the loop, not indices handed to workers ahead of it, so it
-    holds with `num_workers > 0`.  The workers' base seed depends on (seed,
-    epoch) only; a mid-epoch resume restarts the workers' own random streams
-    from the epoch's start (random augmentations there are not replayed exactly).
-    Other DataLoader keywords pass through.  One process only (rank 0 of 1).
-    """
-
-    def __init__(self, dataset: Any, batch_size: int = 1, *, shuffle: bool = False, seed: int = 0,
-                 drop_last: bool = False, **kwargs: Any):
-        sampler = ShardedBatchSampler(len(dataset), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
-                                      rank=0, world_size=1)
-        if "generator" in kwargs:
-            raise ValueError("ResumableDataLoader seeds its own generator from seed=; do not pass generator=")
-        # Its own generator, reseeded per epoch, makes the worker base seed torch draws at every iter()
-        # a function of (seed, epoch): no draw from the global RNG, which runner restores on resume.
-        super().__init__(dataset, batch_sampler=sampler, generator=torch.Generator(), **kwargs)
-        self._at: tuple[int, int] | None = None  # (epoch, samples delivered) while an epoch is being iterated
-
-    def __len__(self) -> int:
-        # A whole epoch, wherever the position is: Lightning counts the batches already done itself.
-        sampler = self.batch_sampler
-        whole = sampler.size / sampler.global_batch_size
-        return math.floor(whole) if sampler.drop_last else math.ceil(whole)
-
-    def __iter__(self) -> Iterator[Any]:
-        sampler = self.batch_sampler
-        self.generator.manual_seed(sampler.seed * 1_000_003 + sampler.epoch)
-        self._at = (sampler.epoch, sampler.consumed)
-        return _Delivered(self, super().__iter__())
-
-    def state_dict(self) -> dict[str, Any]:
-        saved = self.batch_sampler.state_dict()
-        if self._at is not None:
-            saved["epoch"], saved["consumed"] = self._at
-        return saved
-
-    def load_state_dict(self, saved: dict[str, Any]) -> None:
-        sampler = self.batch_sampler
-        sampler.load_state_dict(saved)
-        if sampler.consumed >= sampler.size:  # saved after the epoch's last batch: the next epoch is next
-            sampler.epoch, sampler.consumed = sampler.epoch + 1, 0
-        self._at = None
-
-
-class _Delivered:
-    """Iterates a ResumableDataLoader, recording how far the loop has been given batches."""
-
-    def __init__(self, loader: ResumableDataLoader, inner: Iterator[Any]):
-        self.loader, self.inner = loader, inner
-        self.epoch, self.start = loader._at  # type: ignore[misc]
-        self.n = 0
-
-    def __iter__(self) -> "_Delivered":
-        return self
-
-    def __next__(self) -> Any:
-        try:
-            batch = next(self.inner)
-        except StopIteration:
-            self.loader._at = None  # the sampler itself has moved to the next epoch
-            raise
-        self.n += 1
-        sampler = self.loader.batch_sampler
-        self.loader._at = (self.epoch, min(self.start + self.n * sampler.global_batch_size, sampler.size))
-        return batch
-
-
-def _remove(path: str) -> None:
+def _remove(path: str, folder_too: bool) -> None:
     try:
         os.unlink(path)
-    except FileNotFoundError:
+        if folder_too:
+            os.rmdir(os.path.dirname(path))
+    except OSError:
         pass

@@ -13,7 +13,9 @@
 #
 # Reproducible: the base image is pinned by tag (add @sha256:... for bit-for-bit
 # rebuilds), tini by its Debian version, and every Python package by
-# constraints.txt (scripts/constraints writes it from the tested .venv).
+# constraints.txt (scripts/constraints writes it from the tested .venv; it covers
+# the extras too). For a Hugging Face Trainer or Lightning job:
+#   docker build --build-arg EXTRAS=transformers,lightning -t runner .
 #
 # CUDA: the default PyPI torch wheel for linux x86_64 is a CUDA build; its CUDA
 # libraries come as nvidia-* wheels (pinned in constraints.txt), so the image
@@ -25,6 +27,7 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_INDEX_URL=https://pypi.org/simple
+ARG EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -36,7 +39,7 @@ RUN grep -E '^(torch|torchaudio)==' constraints.txt > torch.txt \
        -c constraints.txt -r torch.txt
 COPY pyproject.toml README.md ./
 COPY runner ./runner
-RUN pip install -c constraints.txt . && pip check
+RUN pip install -c constraints.txt ".${EXTRAS:+[${EXTRAS}]}" && pip check
 
 FROM ${PYTHON_IMAGE}
 # tini as PID 1: reaps zombies and forwards SIGTERM to its child, `runner start`.

@@ -215,6 +215,10 @@ def _add_start(sub: Any) -> None:
              help=f"with --sync-dir: the signal that stops the child after the last sync {default('sync_signal')}")
     add_flag(p, "--sync-settle", dest="sync_settle_s", type=float, metavar="S",
              help=f"with --sync-dir: seconds a file must stay unchanged before it is synced {default('sync_settle_s')}")
+    add_flag(p, "--sync-step-from", metavar="KEY|REGEX",
+             help="with --sync-dir: the training step of a snapshot, from a key inside its torch checkpoint "
+                  "(e.g. iter_num) or a regex with one group over file paths (default: a number in the newest "
+                  "checkpoint's file or checkpoint-N folder name, else its iter_num/global_step/step key)")
     add_flag(p, "--scale-down-group", metavar="NAME",
              help="the EC2 Auto Scaling group to scale to zero when the run is finished (exit 0)")
     add_flag(p, "--price-per-hour", type=float, metavar="USD",
@@ -349,7 +353,7 @@ def _start(args: argparse.Namespace) -> int:
     values = {name: getattr(args, name) for name in (
         "run_id", "save_every_steps", "keep_last", "notice_source", "grace_seconds", "max_restarts",
         "sync_dir", "imds_endpoint", "poll_interval_s", "lease_ttl_s", "restart_backoff_s", "crash_loop_limit",
-        "sync_signal", "sync_settle_s", "scale_down_group",
+        "sync_signal", "sync_settle_s", "sync_step_from", "scale_down_group",
         "price_per_hour", "on_demand_price_per_hour", "heartbeat_s", "nproc_per_node", "nnodes", "rdzv_endpoint")}
     if args.offline_prices:
         values["price_lookup"] = False

@@ -37,6 +37,9 @@ class StartConfig(BaseModel):
     sync_settle_s: float = Field(default=2.0, gt=0)  # unchanged this long = written (torch zips: once complete)
     sync_scan_s: float = Field(default=2.0, gt=0, le=60)  # how often DIR is scanned
     sync_interval_s: float = Field(default=60.0, ge=0)  # at most this often for changes to non-checkpoint files only
+    # Where a sync snapshot's training step comes from before the built-in rules (syncfiles.py): a key inside
+    # torch files (`iter_num`, `trainer.global_step`) or a regex over file paths with one group.
+    sync_step_from: str | None = None
     imds_endpoint: str | None = None
     poll_interval_s: float = Field(default=2.0, gt=0, le=5)
     # First restart delay; it doubles for each further crash without progress (capped at 60 s).
@@ -102,6 +105,15 @@ class StartConfig(BaseModel):
     @property
     def max_nodes(self) -> int:
         return int((self.nnodes or "1").rsplit(":", 1)[-1])
+
+    @field_validator("sync_step_from")
+    @classmethod
+    def _sync_step_from(cls, value: str | None) -> str | None:
+        if value is not None:
+            from runner.supervisor.syncfiles import parse_step_rule
+
+            parse_step_rule(value)  # ValueError: what to write instead
+        return value
 
     @field_validator("sync_signal", mode="before")
     @classmethod

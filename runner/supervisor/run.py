@@ -614,6 +614,8 @@ class Supervisor:
         def progress() -> int | None:
             child = self.child
             step = child.channel.progress() if child is not None else None
+            if step is None and self.sync is not None:
+                step = self.sync.step  # a --sync-dir child reports nothing: the step its files reached
             return step if step is not None else self._last_progress
 
         self.cost = CostHook(store, cfg.run_id, heartbeat_s=cfg.heartbeat_s, log_every_s=cfg.cost_log_interval_s,
@@ -630,7 +632,8 @@ class Supervisor:
         if cfg.sync_dir is None:
             return
         self.sync = DirSync(store, cfg.run_id, cfg.sync_dir, keep_last=cfg.keep_last, settle_s=cfg.sync_settle_s,
-                            scan_s=cfg.sync_scan_s, interval_s=cfg.sync_interval_s)  # fmt: skip
+                            scan_s=cfg.sync_scan_s, interval_s=cfg.sync_interval_s,
+                            step_from=cfg.sync_step_from)  # fmt: skip
         if self.sync.restore() is None:
             log.info("run %s: no sync snapshot to restore; %s starts as it is", cfg.run_id, self.sync.dir)
 

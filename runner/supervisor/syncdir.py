@@ -97,6 +97,24 @@ from runner.checkpoint import layout, retention
 from runner.checkpoint.manifest import FileEntry, Manifest, Reason
 from runner.checkpoint.reader import CorruptSnapshotError, RunReader
 from runner.storage import ObjectNotFoundError, StorageError, Store
+from runner.supervisor.syncfiles import (  # noqa: F401  (step_from_name, zip_complete: part of this module's API)
+    MAX_STEP,
+    Fingerprint,
+    Read,
+    StepRule,
+    file_step,
+    fingerprint,
+    is_zip,
+    key_list,
+    keys_in,
+    needs_keys,
+    parse_step_rule,
+    read_consistent,
+    step_from_name,
+    tail_state,
+    zip_complete,
+    zip_whole,
+)
 
 log = logging.getLogger("runner.supervisor")
 
@@ -105,16 +123,11 @@ SYNC_FORMAT = 1
 ENCODED_PREFIX = "_b32."
 PRIVATE_PREFIX = ".runner-"  # our staging files in DIR; never synced
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
-MAX_STEP = 10**12 - 1
 _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _BASE32 = re.compile(r"^[a-z2-7]+$")
-_ZIP_HEAD = b"PK\x03\x04"
-_ZIP_END = b"PK\x05\x06"
-_ZIP_TAIL = 22 + 65535  # the end record plus the longest comment
 _FINAL_POLL_S = 0.25
+_CATCH_POLL_S = 0.01  # how often a torch file being rewritten is looked at for a whole version
 _THREAD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
-
-Fingerprint = tuple[int, int, int]  # size, mtime_ns, inode
 
 
 class SyncDirError(ValueError):
@@ -160,28 +173,6 @@ def is_checkpoint(rel: str) -> bool:
     return rel.lower().endswith(CHECKPOINT_SUFFIXES)
 
 
-def step_from_name(rel: str) -> int | None:
-    """The largest integer (< 10**12) in the file name of `rel`, or None."""
-    numbers = [int(n) for n in re.findall(r"\d+", rel.rsplit("/", 1)[-1]) if len(n.lstrip("0")) <= 12]
-    return max(numbers) if numbers else None
-
-
-def zip_complete(data: bytes) -> bool:
-    """False for the prefix of a zip file (torch.save's format) whose end record is not written yet; True otherwise."""
-    if not data.startswith(_ZIP_HEAD):
-        return True
-    return _zip_end_ok(data[-_ZIP_TAIL:])
-
-
-def _zip_end_ok(tail: bytes) -> bool:
-    at = tail.rfind(_ZIP_END)
-    while at >= 0:
-        if at + 22 <= len(tail) and at + 22 + int.from_bytes(tail[at + 20:at + 22], "little") == len(tail):
-            return True
-        at = tail.rfind(_ZIP_END, 0, at)
-    return False
-
-
 def is_sync_snapshot(manifest: Manifest) -> bool:
     return manifest.extra.get(SYNC_MARKER) == SYNC_FORMAT
 
@@ -192,6 +183,7 @@ class _Stored:
 
     entry: FileEntry
     fingerprint: Fingerprint
+    keys: tuple[tuple[str, int], ...] = ()  # integer step keys found inside it (syncfiles.keys_in)
 
 
 @dataclass
@@ -213,10 +205,6 @@ class _Scan:
     removed: list[str]  # stored but gone from DIR
 
 
-def _fingerprint(st: os.stat_result) -> Fingerprint:
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
-
-
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -234,7 +222,7 @@ class DirSync:
 
     def __init__(self, store: Store, run_id: str, directory: str | os.PathLike, *, keep_last: int,
                  settle_s: float = 2.0, scan_s: float = 2.0, interval_s: float = 60.0,
-                 fence: Callable[[], None] | None = None):
+                 step_from: str | StepRule | None = None, fence: Callable[[], None] | None = None):
         self.store = store
         self.run_id = run_id
         self.reader = RunReader(store, run_id)
@@ -243,6 +231,7 @@ class DirSync:
         self.settle_s = settle_s
         self.scan_s = scan_s
         self.interval_s = interval_s
+        self.step_rule = parse_step_rule(step_from) if isinstance(step_from, str) else step_from
         self.fence = fence  # called right before a manifest is created (the lease's fencing check)
         self.commits = 0
         self._lock = threading.RLock()
@@ -250,6 +239,7 @@ class DirSync:
         self._stored: dict[str, _Stored] = {}
         self._seen: dict[str, _Seen] = {}
         self._suspect: dict[str, Fingerprint] = {}  # file states never to upload
+        self._torn: dict[str, Fingerprint] = {}  # states whose read failed the zip check: not read again
         self._step = 0
         self._last_sync = time.monotonic()
         self._requested = False
@@ -260,6 +250,11 @@ class DirSync:
     @property
     def base(self) -> Manifest | None:
         return self._base
+
+    @property
+    def step(self) -> int | None:
+        """The training step of the newest sync snapshot (what DIR provably reached); None before the first."""
+        return self._base.step if self._base is not None else None
 
     # -- restore ----------------------------------------------------------------------------
 
@@ -313,6 +308,7 @@ class DirSync:
         """Stage every file of `manifest`, then move them into place. Raises CorruptSnapshotError."""
         keep: dict[str, tuple[Path, FileEntry]] = {}
         staged: list[tuple[Path, Path, str, FileEntry]] = []
+        keys: dict[str, tuple[tuple[str, int], ...]] = {}  # steps inside the files, for the next sync's step
         try:
             for entry in manifest.files:
                 try:
@@ -322,8 +318,10 @@ class DirSync:
                 target = self._local(rel)
                 if target.is_file() and target.stat().st_size == entry.size and _sha256_file(target) == entry.sha256:
                     keep[rel] = (target, entry)
+                    keys[rel] = self._keys_of(rel, target.read_bytes()) if self._wants_keys(rel) else ()
                     continue
                 data = self.reader.read_file(manifest, entry)  # checked against its SHA-256
+                keys[rel] = self._keys_of(rel, data)
                 staged.append((self._stage(target, data), target, rel, entry))
             for tmp, target, rel, entry in staged:
                 if target.is_dir():
@@ -336,9 +334,9 @@ class DirSync:
         finally:
             for tmp, *_ in staged:
                 tmp.unlink(missing_ok=True)
-        stored = {rel: _Stored(entry, _fingerprint(os.stat(path))) for rel, (path, entry) in keep.items()}
+        stored = {rel: _Stored(entry, fingerprint(os.stat(path)), keys[rel]) for rel, (path, entry) in keep.items()}
         for _, target, rel, entry in staged:
-            stored[rel] = _Stored(entry, _fingerprint(os.stat(target)))
+            stored[rel] = _Stored(entry, fingerprint(os.stat(target)), keys[rel])
         return stored, (len(staged), sum(e.size for *_, e in staged))
 
     def _local(self, rel: str) -> Path:
@@ -400,13 +398,37 @@ class DirSync:
         with self._lock:
             scan = self._scan()
             requested, self._requested = self._requested, False
-            if scan is None or not (scan.changed or scan.removed):
-                if requested and scan is not None:
+            if scan is None:
+                return None
+            until = time.monotonic() + self.scan_s
+            reads = self._catch([r for r in scan.in_flight if self._is_checkpoint(r)], until, self._stop.wait)
+            if not (scan.changed or scan.removed or reads):
+                if requested:
                     log.info("%s has no settled change to sync; the newest snapshot is current", self.dir)
                 return None
-            due = requested or any(is_checkpoint(r) for r in scan.changed) \
+            due = requested or bool(reads) or any(self._is_checkpoint(r) for r in scan.changed) \
                 or time.monotonic() - self._last_sync >= self.interval_s  # fmt: skip
-            return self._commit(scan, Reason.SYNC) if due else None
+            return self._commit(scan, Reason.SYNC, reads=reads, catch=(until, self._stop.wait)) if due else None
+
+    def _catch(self, rels: list[str], until: float, wait: Callable[[float], object]) -> dict[str, Read]:
+        """Whole versions of torch files being (re)written: looked at every 10 ms until `until`.
+
+        A file rewritten in place every fraction of a second never stays
+        unchanged, but it is whole between two saves: the first consistent,
+        whole read of each is what gets published.  Stops early when
+        `wait` returns True (the scanner is being stopped).
+        """
+        got: dict[str, Read] = {}
+        pending = list(rels)
+        while pending:
+            for rel in list(pending):
+                read = self._read_whole(rel, None, zips_only=True)
+                if read is not None:
+                    got[rel] = read
+                    pending.remove(rel)
+            if not pending or time.monotonic() + _CATCH_POLL_S >= until or wait(_CATCH_POLL_S):
+                break
+        return got
 
     def final_sync(self, until: Callable[[], float], wait: Callable[[float], None],
                    alive: Callable[[], bool]) -> Manifest | None:
@@ -423,10 +445,16 @@ class DirSync:
         when nothing changed); None when there is none.
         """
         self.stop()
+
+        def pause(seconds: float) -> bool:
+            wait(seconds)
+            return False
+
         with self._lock:
             scan = self._scan()
             waiting = set(scan.in_flight) if scan else set()
             others_until = time.monotonic() + self.settle_s + _FINAL_POLL_S
+            reads: dict[str, Read] = {}
             died = False
             if waiting:
                 log.info("waiting for %s to be written", _names(waiting))
@@ -445,12 +473,18 @@ class DirSync:
                     scan, died = self._scan(), True
                     self._suspect_in_flight(scan)
                     break
-                wait(min(_FINAL_POLL_S, left))
+                # A torch file rewritten in place may never settle while the child trains on: catch a whole version.
+                slice_end = now + min(_FINAL_POLL_S, left)
+                reads.update(self._catch(sorted(r for r in waiting if self._is_checkpoint(r)), slice_end, pause))
+                if time.monotonic() < slice_end:
+                    wait(slice_end - time.monotonic())
                 scan = self._scan()
-                waiting &= set(scan.in_flight) if scan else set()
+                waiting = (waiting & set(scan.in_flight) if scan else set()) - set(reads)
             if scan is None:
                 return None
-            committed = self._commit(scan, Reason.SYNC) if scan.changed or scan.removed else None
+            catch = (until(), pause) if not died else None
+            committed = self._commit(scan, Reason.SYNC, reads=reads, catch=catch) \
+                if scan.changed or scan.removed or reads else None  # fmt: skip
             if died:
                 self._put_back_partial_checkpoints()
             if committed is None and self._base is not None:
@@ -484,7 +518,7 @@ class DirSync:
                 continue
             path = self.dir / rel
             try:
-                if _fingerprint(os.lstat(path)) != fp:
+                if fingerprint(os.lstat(path)) != fp:
                     continue
                 stored = self._stored.get(rel)
                 if stored is not None and self._base is not None:
@@ -494,7 +528,7 @@ class DirSync:
                         log.warning("cannot put back %s from snapshot %s: %s", rel, self._base.snapshot_id, exc)
                     else:
                         os.replace(self._stage(path, data), path)
-                        self._stored[rel] = replace(stored, fingerprint=_fingerprint(os.stat(path)))
+                        self._stored[rel] = replace(stored, fingerprint=fingerprint(os.stat(path)))
                         del self._suspect[rel]
                         log.warning("%s was half-written when the child died; put back its version from snapshot %s",
                                     rel, self._base.snapshot_id)
@@ -536,7 +570,7 @@ class DirSync:
                 except FileNotFoundError:
                     continue
                 if stat.S_ISREG(st.st_mode):
-                    found[os.path.relpath(path, self.dir).replace(os.sep, "/")] = _fingerprint(st)
+                    found[os.path.relpath(path, self.dir).replace(os.sep, "/")] = fingerprint(st)
         for rel in list(self._seen):
             if rel not in found:
                 del self._seen[rel]
@@ -562,51 +596,50 @@ class DirSync:
 
     def _settled(self, rel: str, seen: _Seen, now: float, everything_settled: bool) -> bool:
         if seen.zip_state is None:
-            seen.zip_state = self._zip_state(self.dir / rel)
+            seen.zip_state = tail_state(self.dir / rel)
         if seen.zip_state == "complete":
             return True
         if seen.zip_state == "partial":
             return False
         return everything_settled or now - seen.since >= self.settle_s
 
-    @staticmethod
-    def _zip_state(path: Path) -> str:
-        try:
-            with open(path, "rb") as f:
-                if f.read(len(_ZIP_HEAD)) != _ZIP_HEAD:
-                    return "other"
-                size = os.fstat(f.fileno()).st_size
-                f.seek(max(0, size - _ZIP_TAIL))
-                return "complete" if _zip_end_ok(f.read()) else "partial"
-        except OSError:
-            return "partial"  # vanished or unreadable: look again next scan
-
     # -- one commit -------------------------------------------------------------------------------
 
-    def _commit(self, scan: _Scan, reason: Reason, always: bool = False) -> Manifest | None:
+    def _commit(self, scan: _Scan, reason: Reason, always: bool = False, reads: dict[str, Read] | None = None,
+                catch: tuple[float, Callable[[float], object]] | None = None) -> Manifest | None:
         """Upload the changed files, copy the rest from the previous snapshot, create the manifest, apply retention.
 
-        Changed files are read, hashed and uploaded one at a time (memory: the
-        largest file).  Returns None when nothing turned out to have changed.
+        `reads` are whole versions caught already; `catch` (until, wait) lets
+        a torch file that changed while it was read be caught again.  Files
+        whose step comes from inside them are read first (the snapshot id
+        holds the step); the others are read, hashed and uploaded one at a
+        time.  Returns None when nothing turned out to have changed.
         """
         started = time.monotonic()
-        step = self._next_step(scan)
+        reads = dict(reads or {})
+        for rel in scan.changed:
+            if rel not in reads and self._wants_keys(rel):
+                read = self._read_for_commit(rel, scan.found[rel], catch)
+                if read is not None:
+                    reads[rel] = read
+        later = [rel for rel in scan.changed if rel not in reads and not self._wants_keys(rel)]
+        keys = {rel: self._keys_of(rel, read.data) for rel, read in reads.items()}
+        step = self._next_step(scan, reads, keys, later)
         sid = layout.new_snapshot_id(step)
         files: dict[str, _Stored] = {}
         sent = 0
-        for rel in scan.changed:
-            read = self._read_settled(rel, scan.found[rel])
+        for rel in sorted(reads) + later:
+            read = reads.pop(rel, None) or self._read_for_commit(rel, scan.found[rel], catch)
             if read is None:
                 continue
-            data, sha, fp = read
             stored = self._stored.get(rel)
-            if stored is not None and stored.entry.sha256 == sha:
-                self._stored[rel] = replace(stored, fingerprint=fp)  # touched, same bytes
+            if stored is not None and stored.entry.sha256 == read.sha256:
+                self._stored[rel] = replace(stored, fingerprint=read.fingerprint)  # touched, same bytes
                 continue
-            entry = FileEntry(path=encode_path(rel), size=len(data), sha256=sha)
-            self.store.write_bytes(layout.data_key(self.run_id, sid, entry.path), data)
-            files[rel] = _Stored(entry, fp)
-            sent += len(data)
+            entry = FileEntry(path=encode_path(rel), size=len(read.data), sha256=read.sha256)
+            self.store.write_bytes(layout.data_key(self.run_id, sid, entry.path), read.data)
+            files[rel] = _Stored(entry, read.fingerprint, keys.get(rel, ()))
+            sent += len(read.data)
         uploaded = len(files)
         carried = {rel: item for rel, item in self._stored.items() if rel in scan.found and rel not in files}
         if not files and len(carried) == len(self._stored) and not always:
@@ -637,23 +670,58 @@ class DirSync:
         self._apply_retention(sid)
         return manifest
 
-    def _read_settled(self, rel: str, fp: Fingerprint) -> tuple[bytes, str, Fingerprint] | None:
-        """The file's bytes if it is still in the state the scan saw and complete; None to look again later."""
+    def _read_for_commit(self, rel: str, fp: Fingerprint,
+                         catch: tuple[float, Callable[[float], object]] | None) -> Read | None:
+        read = self._read_whole(rel, fp)
+        if read is None and catch is not None and self._is_checkpoint(rel):
+            read = self._catch([rel], *catch).get(rel)  # rewritten since the scan: the next whole version
+        return read
+
+    def _read_whole(self, rel: str, expected: Fingerprint | None, zips_only: bool = False) -> Read | None:
+        """A consistent read of a whole version of `rel` (syncfiles notes); None to look again later.
+
+        `expected`: the state the scan saw as settled; a read of it that is
+        not whole marks that state never to be uploaded.  Without it (a torch
+        file caught while rewritten) only whole zips count, and a state that
+        failed its CRC check is not read again.
+        """
         path = self.dir / rel
-        try:
-            data = path.read_bytes()
-            after = _fingerprint(os.lstat(path))
-        except OSError:
-            return None  # gone, or unreadable for now: the next scan tells
-        if after != fp:
-            self._seen[rel] = _Seen(after, time.monotonic())
+        if expected is None:
+            if tail_state(path) != "complete":
+                return None
+            try:
+                expected = fingerprint(os.lstat(path))
+            except OSError:
+                return None
+            if self._torn.get(rel) == expected:
+                return None
+        got = read_consistent(path, expected)
+        if got is None:
+            return None  # changed or gone: the next look tells
+        data, fp = got
+        if zips_only and not is_zip(data):
             return None
         if not zip_complete(data):
-            self._warn_once((rel, fp), "%s looks like an unfinished torch checkpoint (no zip end record); "
-                            "not synced until it is complete", rel)
-            self._suspect[rel] = fp
+            if not zips_only:
+                self._warn_once((rel, fp), "%s looks like an unfinished torch checkpoint (no zip end record); "
+                                "not synced until it is complete", rel)
+                self._suspect[rel] = fp
             return None
-        return data, hashlib.sha256(data).hexdigest(), fp
+        if not zip_whole(data):
+            self._warn_once((rel, fp), "%s is not one whole torch file (a CRC-32 or its zip directory does not "
+                            "match: rewritten while it was read, or damaged); that version is not synced", rel)
+            self._torn[rel] = fp
+            return None
+        return Read(data, hashlib.sha256(data).hexdigest(), fp)
+
+    def _wants_keys(self, rel: str) -> bool:
+        """Whether the step may come from inside `rel` (a checkpoint without a step in its name or folder)."""
+        return self._is_checkpoint(rel) and needs_keys(rel, self.step_rule)
+
+    def _keys_of(self, rel: str, data: bytes) -> tuple[tuple[str, int], ...]:
+        if not (is_zip(data) and self._wants_keys(rel)):
+            return ()
+        return tuple(sorted(keys_in(data, key_list(self.step_rule)).items()))
 
     def _carry(self, rel: str, item: _Stored, sid: str) -> bool:
         """Copy an unchanged file from the previous snapshot into `sid`; False when it cannot be had."""
@@ -677,16 +745,30 @@ class DirSync:
                     self._base.snapshot_id)
         return False
 
-    def _next_step(self, scan: _Scan) -> int:
-        """The step of a snapshot of what `scan` found (module notes), from names and mtimes alone."""
-        mtimes = {rel: fp[1] for rel, fp in scan.found.items() if rel in scan.changed}
-        mtimes.update({rel: item.fingerprint[1] if item.fingerprint else -1
-                       for rel, item in self._stored.items() if rel in scan.found and rel not in mtimes})
-        candidates = [(mtime, step_from_name(rel)) for rel, mtime in mtimes.items() if is_checkpoint(rel)]
-        numbered = [(mtime, step) for mtime, step in candidates if step is not None]
-        if not numbered:
+    def _next_step(self, scan: _Scan, reads: dict[str, Read], keys: dict[str, tuple[tuple[str, int], ...]],
+                   later: list[str]) -> int:
+        """The step of a snapshot of what `scan` found: that of its newest file with a step (syncfiles notes),
+        the user's rule first; never less than the previous sync's; else the previous + 1 (a sync counter)."""
+        candidates: list[tuple[int, int, int]] = []  # rank, mtime, step
+
+        def consider(rel: str, mtime: int, found: tuple[tuple[str, int], ...]) -> None:
+            ranked = file_step(rel, dict(found), self.step_rule, self._is_checkpoint(rel))
+            if ranked is not None:
+                candidates.append((ranked[0], mtime, ranked[1]))
+
+        for rel, read in reads.items():
+            consider(rel, read.fingerprint[1], keys.get(rel, ()))
+        for rel in later:
+            consider(rel, scan.found[rel][1], ())
+        for rel, item in self._stored.items():
+            if rel in scan.found and rel not in reads and rel not in later:
+                consider(rel, item.fingerprint[1] if item.fingerprint else -1, item.keys)
+        if self.step_rule is not None and not any(rank for rank, *_ in candidates):
+            self._warn_once(("rule", None), "--sync-step-from found no step in %s; the step comes from file names, "
+                            "keys (%s) or a sync counter", self.dir, ", ".join(key_list(None)))
+        if not candidates:
             return min(MAX_STEP, self._step + 1)
-        return max(self._step, max(numbered)[1])  # the newest file; a tie goes to the larger number
+        return max(self._step, max(candidates)[2])  # the user's rule, then the newest file, then the larger number
 
     def _apply_retention(self, sid: str) -> None:
         try:

@@ -34,8 +34,9 @@ Design notes (why it is built this way):
   containers of numbers and strings once runner's host copy has turned
   `AttributeDict` hyper-parameters into dicts; anything else (a user's class in
   the hyper-parameters) is refused unless named in `safe_globals=`.
-  Lightning's own load path defaults to `weights_only=False` for some
-  paths, which would run whatever the bucket's writer pickled.
+  The plugin pins `weights_only=True` because Lightning's own load path
+  passes the user's choice through (and picks False for http URLs), and a
+  full unpickle would run whatever the bucket's writer pickled.
 - Exact resume: Lightning restores model, optimizers, schedulers and loop
   counters; runner adds the RNG streams (Lightning saves none; dropout would
   diverge), restored at `on_train_start`, and `ResumableDataLoader` gives

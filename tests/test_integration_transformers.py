@@ -92,23 +92,24 @@ def test_spot_notice_mid_run_exit_75_fresh_machine_resumes_bitwise(tmp_path, s3_
 
     flags = ["--bucket", s3_bucket_url, "--run-id", RUN, "--keep-last", "10", "--notice-source", "ec2",
              "--poll-interval", "0.5", "--offline-prices", "--grace-seconds", "30"]
-    script_args = ["--steps", str(STEPS), "--save-steps", str(SAVE_STEPS), "--sleep", "0.1", "--save-total-limit", "2"]
+    script_args = ["--steps", str(STEPS), "--save-steps", str(SAVE_STEPS), "--sleep", "0.15",
+                   "--save-total-limit", "2"]
     started: list[RunnerStart] = []
     try:
         with ImdsSimulator() as sim:
             first = RunnerStart(tmp_path, "first", [*flags, "--imds-endpoint", sim.url], script_args)
             started.append(first)
-            first.wait_for(r"^loss 13 ", timeout=90)
+            first.wait_for(r"^loss 11 ", timeout=90)
             deadline = sim.schedule_spot_notice(0)
             code = first.finish(timeout=deadline - time.time())
             assert code == 75, first.output
             sim.reset()
-            match = re.search(r"emergency snapshot (\S+) committed at step (\d+)", first.output)
+            match = re.search(r"emergency snapshot (\S+) committed at step (\d+), ([\d.]+) s after", first.output)
             assert match, first.output
             sid, step = match.group(1), int(match.group(2))
             newest = _snapshots(s3_bucket_url, RUN)[0]
             assert (newest.snapshot_id, newest.step, newest.reason) == (sid, step, Reason.EMERGENCY)
-            assert 13 <= step < STEPS and newest.extra["folder"] == f"checkpoint-{step}"
+            assert 11 <= step < STEPS and newest.extra["folder"] == f"checkpoint-{step}"
             assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
                     "trainer_state.json"} <= {f.path for f in newest.files}
             before = _losses(first.output)
@@ -134,7 +135,8 @@ def test_spot_notice_mid_run_exit_75_fresh_machine_resumes_bitwise(tmp_path, s3_
     assert len(emergency) == 1 and emergency[0].get("committed") and emergency[0].get("step") == step
     assert {e.get("reason") for e in events if e.kind == "snapshot"} >= {"periodic", "emergency", "final"}
     saves = json.loads(re.search(r"child: saves (.*)$", first.output, re.M).group(1))
-    print(f"\nwork redone after the interruption: {redone} step(s); saves of the first machine: {saves}")
+    print(f"\nnotice -> emergency commit {match.group(3)} s; work redone after the interruption: {redone} step(s); "
+          f"saves of the first machine: {saves}")
 
 
 def test_corrupt_newest_snapshot_falls_back_to_the_previous_one_and_resumes_exactly(tmp_path, reference, caplog):
@@ -174,14 +176,14 @@ def test_corrupt_newest_snapshot_falls_back_to_the_previous_one_and_resumes_exac
 def test_retention_keeps_the_newest_k_and_pinned_snapshots_save_total_limit_1_safe(tmp_path, s3_bucket_url):
     from runner import cli
 
-    vars = {"RUNNER_KEEP_LAST": "2"}
+    keep = {"RUNNER_KEEP_LAST": "2"}
     work = tmp_path / "work"
     work.mkdir()
     args = ["--steps", "12", "--save-steps", "3", "--save-total-limit", "1"]
     # Stopped by hand with SIGUSR1 (no supervisor): an emergency snapshot at the next step.
     child = subprocess.Popen([PYTHON, SCRIPT, *args, "--sleep", "0.2"], cwd=work, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True,
-                             env=_env(RUNNER_BUCKET=s3_bucket_url, RUNNER_RUN_ID=RUN, **vars))
+                             env=_env(RUNNER_BUCKET=s3_bucket_url, RUNNER_RUN_ID=RUN, **keep))
     lines = []
     for line in child.stdout:
         lines.append(line)
@@ -193,7 +195,7 @@ def test_retention_keeps_the_newest_k_and_pinned_snapshots_save_total_limit_1_sa
     assert [(m.step, m.reason) for m in first] == [(stopped, Reason.EMERGENCY), (3, Reason.PERIODIC)]
     assert cli.main(["pin", "--bucket", s3_bucket_url, "--run-id", RUN, first[1].snapshot_id]) == 0
 
-    out = _train(work, s3_bucket_url, RUN, *args, **vars)
+    out = _train(work, s3_bucket_url, RUN, *args, **keep)
     assert f"resume from out/checkpoint-{stopped}" in out and "NOT committed" not in out
     kept = [(m.step, m.reason) for m in _snapshots(s3_bucket_url, RUN)]
     assert kept == [(12, Reason.FINAL), (9, Reason.PERIODIC), (3, Reason.PERIODIC)]  # newest 2 + the pinned one

@@ -48,7 +48,8 @@ from typing import Any
 try:
     from transformers import TrainerCallback
 except ImportError as exc:  # an optional extra: say how to get it
-    raise ImportError(f"runner.integrations.transformers needs transformers: pip install 'runner[transformers]' ({exc})") from None
+    raise ImportError("runner.integrations.transformers needs transformers: "
+                      f"pip install 'runner[transformers]' ({exc})") from None
 
 from runner import control, lease
 from runner.checkpoint import retention

@@ -102,9 +102,9 @@ def test_a_save_and_restore_through_failing_s3_leave_the_global_rng_streams_alon
     assert not draws, "\n".join(draws)
     assert _streams() == before, "saving drew from a global random stream"
 
-    random.random(), np.random.rand(), torch.rand(1)  # noqa: B018 the training moved on
+    fresh = tiny_training.build(seed=9)  # a new process: other weights, streams seeded elsewhere
+    random.random(), np.random.rand(), torch.rand(1)  # noqa: B018
     draws.clear()
-    fresh = tiny_training.build(seed=9)
     with Checkpointer(s3_bucket_url, "guard", **fresh.components()) as again:
         assert again.restore() == 6
     others = [d for d in draws if "in restore_rng" not in d]  # putting the saved streams back is the point

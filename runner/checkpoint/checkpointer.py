@@ -170,7 +170,7 @@ class Checkpointer:
 
     def _read_states(self, manifest: Manifest) -> dict[str, Any]:
         """Verify and deserialize every registered component (and RNG) before touching any."""
-        states: dict[str, Any] = {}
+        entries = []
         for name in [*self.components, state.RNG_COMPONENT]:
             entry = manifest.file(name)
             if entry is None:
@@ -181,8 +181,12 @@ class Checkpointer:
                 raise StateMismatchError(
                     f"snapshot {manifest.snapshot_id} has no component {name!r} (it has: {saved}); "
                     "pass strict=False to start that component from its initialization")
-            states[name] = state.deserialize(self.reader.read_file(manifest, entry), self.map_location)
-            state.check_kind(name, self.components.get(name), states[name])
+            entries.append(entry)
+        states: dict[str, Any] = {}
+        for entry, data in self.reader.read_files(manifest, entries):  # fetched ahead, checked, in order
+            states[entry.component] = state.deserialize(data, self.map_location)
+            del data
+            state.check_kind(entry.component, self.components.get(entry.component), states[entry.component])
         return states
 
     def _apply(self, manifest: Manifest, states: dict[str, Any]) -> None:

@@ -220,7 +220,10 @@ def _s3_defaults(options: dict[str, Any], policy: RetryPolicy) -> dict[str, Any]
     config.setdefault("read_timeout", 60)
     asked = dict(config.get("retries") or {})
     attempts = int(asked.get("total_max_attempts") or (asked.get("max_attempts", _REQUEST_ATTEMPTS - 1) + 1))
-    config["retries"] = {"total_max_attempts": 1, "mode": "standard"}  # botocore's jitter is the global stream
+    # botocore's own retries draw their jitter from the global stream: one try each, ours retry.
+    # Adaptive mode's client-side rate limiting (no jitter) is kept when asked for.
+    mode = "adaptive" if asked.get("mode") == "adaptive" else "standard"
+    config["retries"] = {"total_max_attempts": 1, "mode": mode}
     opts["config_kwargs"] = config
     if "session" not in opts:
         opts["session"] = _retrying_session(opts.pop("profile", None), policy, max(1, attempts))

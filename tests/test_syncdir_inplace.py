@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import PYTHON, subprocess_env
@@ -240,3 +241,89 @@ def test_a_writer_killed_in_the_middle_of_torch_save_is_never_published_and_its_
         assert torch.load(io.BytesIO(data), weights_only=True)["iter_num"] == manifest.step
     # The half-written file is put back to its newest synced version, which the restarted trainer can load.
     assert path.read_bytes() == reader.read_file(snapshots[0], snapshots[0].files[0])
+
+
+# -- the training step of a sync snapshot ---------------------------------------------------------
+
+
+def _torch_file(**state) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/runner-step-pwned",))
+
+
+def test_step_keys_are_read_without_running_code_from_the_file_or_reading_tensors():
+    from runner.supervisor.syncfiles import keys_in
+
+    good = _torch_file(model={"w": torch.randn(1000)}, iter_num=42, best_val_loss=torch.tensor(1.5),
+                       trainer={"global_step": 7}, step=True)
+    assert keys_in(good, ("iter_num", "trainer.global_step", "step", "missing")) == \
+        {"iter_num": 42, "trainer.global_step": 7}  # a bool is not a step  # fmt: skip
+    assert keys_in(_torch_file(iter_num=3, x=_Evil()), ("iter_num",)) == {}
+    assert not os.path.exists("/tmp/runner-step-pwned")
+    assert keys_in(good[:-30], ("iter_num",)) == {} and keys_in(b"not a zip", ("iter_num",)) == {}
+
+
+def test_step_rules_and_their_order():
+    from runner.supervisor.syncfiles import file_step, parse_step_rule, step_from_folder
+
+    assert step_from_folder("output/checkpoint-500/optimizer.pt") == 500
+    assert step_from_folder("run3/ckpt.pt") is None and step_from_folder("ckpt.pt") is None
+    key, regex = parse_step_rule("iter_num"), parse_step_rule(r"snap-(\d+)/")
+    assert key.key == "iter_num" and regex.regex is not None
+    # The user's rule first, then the file name, a checkpoint-N folder, then a key inside the file.
+    assert file_step("G_2333.pth", {"step": 9}, None, True) == (0, 2333)
+    assert file_step("checkpoint-500/optimizer.pt", {}, None, True) == (0, 500)
+    assert file_step("ckpt.pt", {"iter_num": 250}, None, True) == (0, 250)
+    assert file_step("G_2333.pth", {"iter_num": 9}, key, True) == (1, 9)
+    assert file_step("snap-77/state.bin", {}, regex, False) == (1, 77)
+    assert file_step("events.out.tfevents.1700000000.host", {}, None, False) is None
+    for bad in ["", "(", r"ckpt_\d+\.pt", r"(a)(b)"]:
+        with pytest.raises(ValueError):
+            parse_step_rule(bad)
+
+
+def _settled_tick(ds: DirSync):
+    """Commit a change to a file that is not a checkpoint: seen once, unchanged a settle period later."""
+    assert ds.tick() is None
+    time.sleep(0.1)
+    ds.request()
+    return ds.tick()
+
+
+def test_a_snapshots_step_comes_from_inside_ckpt_pt_and_from_a_user_regex(tmp_path):
+    src = tmp_path / "out"
+    src.mkdir()
+    (src / "ckpt.pt").write_bytes(_torch_file(iter_num=250, w=torch.zeros(4)))
+    ds = DirSync(Store(str(tmp_path / "bucket")), "r", src, keep_last=10, settle_s=0.05)
+    assert ds.tick().step == 250
+    (src / "ckpt.pt").write_bytes(_torch_file(iter_num=500, w=torch.zeros(4)))
+    (src / "train.log").write_text("500\n")
+    assert ds.tick().step == 500
+    # A new instance: restored, then only the log changes: the step stays the one inside the restored ckpt.pt.
+    dst = tmp_path / "dst"
+    again = DirSync(Store(str(tmp_path / "bucket")), "r", dst, keep_last=10, settle_s=0.05)
+    assert again.restore().step == 500
+    (dst / "train.log").write_text("500\n501\n")
+    assert _settled_tick(again).step == 500
+    # A user's regex over paths.
+    other = tmp_path / "other"
+    (other / "snap-0042").mkdir(parents=True)
+    (other / "snap-0042" / "state.bin").write_bytes(b"x")
+    ds = DirSync(Store(str(tmp_path / "bucket2")), "r", other, keep_last=10, settle_s=0.05,
+                 step_from=r"snap-(\d+)/")
+    assert _settled_tick(ds).step == 42
+
+
+def test_a_bad_sync_step_from_is_one_line_on_stderr(tmp_path):
+    done = subprocess.run([PYTHON, "-m", "runner", "start", "--bucket", str(tmp_path / "b"), "--sync-dir",
+                           str(tmp_path / "out"), "--sync-step-from", "ckpt_(", "--", "true"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("runner: error: invalid --sync-step-from:") and "regex" in lines[0], lines

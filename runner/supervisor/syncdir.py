@@ -2,11 +2,13 @@
 
 For training scripts that checkpoint on their own (GPT-SoVITS's trainer
 writes `G_<step>.pth`/`D_<step>.pth` into its logs folder), SageMaker-style.
-Owns: restoring DIR from the newest intact sync snapshot before the child
-starts; watching DIR while the child runs and committing its settled state as
-snapshots (reason "sync"); the last sync on a termination notice and when the
-child ends ("final" after a clean exit); how file names are stored; the step
-of a sync snapshot.  The supervisor (run.py) decides when to call it.
+Owns: choosing the sync snapshot DIR is restored from before the child
+starts (syncrestore.py puts its files in place); watching DIR while the child
+runs and committing its whole state as snapshots (reason "sync"); the last
+sync on a termination notice and when the child ends ("final" after a clean
+exit); the step of a sync snapshot.  What one file holds (its stored name,
+whether it is whole, its step) is syncfiles.py.  The supervisor (run.py)
+decides when to call it.
 
 Design notes (why):
 
@@ -30,12 +32,20 @@ Design notes (why):
   a few hundred files costs well under a millisecond of CPU per second.
 - When a file counts as written ("settled"): its (size, mtime, inode) have
   not changed for `settle_s`.  A torch checkpoint (`torch.save`'s zip format:
-  it starts with `PK\\x03\\x04`) additionally counts only once its zip end
-  record is in place, which torch writes last, and then at once, without
-  waiting out `settle_s`.  So a half-written `.pth` is never uploaded, even
-  when its writer pauses longer than the settle period.  A file that changes
-  while it is read is read again later; the snapshot keeps the previous
+  it starts with `PK\\x03\\x04`) counts only as a whole version (syncfiles:
+  end record in place, the same stat before and after the read, every
+  CRC-32 right), and then at once, without waiting out `settle_s`.  So a
+  half-written or torn `.pth` is never uploaded, even when its writer
+  pauses longer than the settle period.  The snapshot keeps the previous
   version of a file that is still in flight.
+- A torch file rewritten in place (nanoGPT's `ckpt.pt`, saved every few
+  iterations) may never stay unchanged from one scan to the next, so a scan
+  that finds one being written, or that reads it as it changes, "catches"
+  it: looks every 10 ms, until the next scan is due, for the moment between
+  two saves, and publishes the first whole version it reads.  So the newest
+  whole version is published at every scan that finds a new one, however
+  often it is rewritten, as long as it stays whole for longer than one read
+  of it takes (a file rewritten with no pause at all has no whole moment).
 - When a sync is committed: as soon as a settled change touches a checkpoint
   file (`.pth`, `.pt`, `.ckpt`, `.safetensors`); changes to other files
   (train.log, TensorBoard events) ride along, or are committed on their own
@@ -45,26 +55,19 @@ Design notes (why):
   waits for checkpoint files in flight until the stop plan's ack time, for
   other files one settle period at most; a file that never stays unchanged
   for `settle_s` (a chatty log) is synced only when it pauses.
-- The step of a sync snapshot: the largest integer in the name of the newest
-  (by mtime) checkpoint file it holds (`G_2333.pth` -> 2333,
-  `epoch=9-step=1000.ckpt` -> 1000), never less than the previous sync's
-  step, so that the newest state always sorts newest; integers of 12 digits
-  and more are ignored (snapshot ids hold 12).  A snapshot with no such file
-  gets the previous step + 1 (a sync counter).
-- File names: a path is stored under the same relative path when each
-  segment matches the manifest's safe pattern ([A-Za-z0-9_][A-Za-z0-9._-]*).
-  Any other segment (spaces, '=', non-ASCII, a leading dot or dash) is stored
-  as `_b32.` + the lowercase, unpadded base32 of its bytes; a real name that
-  starts with `_b32.` is encoded too, so decoding is unambiguous.  Decoded
-  names are checked again on restore (the bucket is not trusted): no empty,
-  '.', '..', '/' or NUL segment, and the path must stay inside DIR.
-  Symlinks, sockets and our own `.runner-*` temporaries are not synced.
-- Restore never leaves a mix of two snapshots in DIR: every file of the
-  chosen snapshot is downloaded, checked against its SHA-256 and staged as a
-  `.runner-restore-*` temporary first; only when all are good are they moved
-  into place (os.replace).  A corrupt snapshot is skipped for the previous
-  one.  Files already present with the same bytes are left alone; files that
-  are not in the snapshot are never deleted.
+- The step of a sync snapshot: that of the newest (by mtime) file it holds
+  that has one (syncfiles: `--sync-step-from`, then a number in a
+  checkpoint's name or `checkpoint-N` folder, then an `iter_num` /
+  `global_step` / `step` key inside it), never less than the previous
+  sync's step, so that the newest state always sorts newest.  A snapshot
+  with no such file gets the previous step + 1 (a sync counter, the last
+  resort).  Files whose step is inside them are read before the others
+  (the snapshot id holds the step), so they are held in memory together.
+- File names (syncfiles): safe segments as they are, others as `_b32.` +
+  base32.  Symlinks, sockets and our own `.runner-*` temporaries are not
+  synced.
+- Restore (syncrestore) never leaves a mix of two snapshots in DIR; a
+  corrupt snapshot is skipped for the previous one.
 - When the child dies, whatever it was still writing is suspect: that exact
   file state is never uploaded (a later, different state of the file is).
   A suspect checkpoint is also taken out of the restarted child's way: put
@@ -77,18 +80,15 @@ whole-object writes only), one file at a time.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 import logging
 import os
 import platform
-import re
 import signal
 import stat
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -97,11 +97,16 @@ from runner.checkpoint import layout, retention
 from runner.checkpoint.manifest import FileEntry, Manifest, Reason
 from runner.checkpoint.reader import CorruptSnapshotError, RunReader
 from runner.storage import ObjectNotFoundError, StorageError, Store
-from runner.supervisor.syncfiles import (  # noqa: F401  (step_from_name, zip_complete: part of this module's API)
+from runner.supervisor.syncrestore import SyncDirError, fetch_into, stage  # noqa: F401  (SyncDirError: API)
+from runner.supervisor.syncfiles import (  # noqa: F401  (names, step_from_name, zip_complete: this module's API)
+    ENCODED_PREFIX,
     MAX_STEP,
+    PRIVATE_PREFIX,
     Fingerprint,
     Read,
     StepRule,
+    decode_path,
+    encode_path,
     file_step,
     fingerprint,
     is_zip,
@@ -120,53 +125,13 @@ log = logging.getLogger("runner.supervisor")
 
 SYNC_MARKER = "sync_dir"  # manifest.extra[SYNC_MARKER] = the name encoding's version
 SYNC_FORMAT = 1
-ENCODED_PREFIX = "_b32."
-PRIVATE_PREFIX = ".runner-"  # our staging files in DIR; never synced
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
-_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
-_BASE32 = re.compile(r"^[a-z2-7]+$")
 _FINAL_POLL_S = 0.25
 _CATCH_POLL_S = 0.01  # how often a torch file being rewritten is looked at for a whole version
 _THREAD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 
 
-class SyncDirError(ValueError):
-    """DIR cannot be used (it is a file, or cannot be created or written)."""
-
-
 # -- names, steps, completeness (pure) ---------------------------------------------------
-
-
-def encode_path(rel: str) -> str:
-    """The manifest path for DIR-relative `rel` ("a/b c.pth" -> "a/_b32.mjqgg..."); see the module notes."""
-    return "/".join(_encode_segment(s) for s in rel.split("/"))
-
-
-def _encode_segment(name: str) -> str:
-    if _SAFE_SEGMENT.match(name) and not name.startswith(ENCODED_PREFIX):
-        return name
-    return ENCODED_PREFIX + base64.b32encode(os.fsencode(name)).decode().rstrip("=").lower()
-
-
-def decode_path(path: str) -> str:
-    """The DIR-relative path a manifest path stands for. Raises ValueError for one that is not ours or unsafe."""
-    return "/".join(_decode_segment(s) for s in path.split("/"))
-
-
-def _decode_segment(segment: str) -> str:
-    if not segment.startswith(ENCODED_PREFIX):
-        name = segment
-    else:
-        body = segment[len(ENCODED_PREFIX):]
-        if not _BASE32.match(body):
-            raise ValueError(f"{segment!r} is not a valid encoded name")
-        try:
-            name = os.fsdecode(base64.b32decode(body.upper() + "=" * (-len(body) % 8)))
-        except (ValueError, TypeError):
-            raise ValueError(f"{segment!r} is not a valid encoded name") from None
-    if name in ("", ".", "..") or "/" in name or "\0" in name or (os.sep != "/" and os.sep in name):
-        raise ValueError(f"{segment!r} names an unsafe path segment")
-    return name
 
 
 def is_checkpoint(rel: str) -> bool:
@@ -203,14 +168,6 @@ class _Scan:
     changed: list[str]  # settled and different from the stored version
     in_flight: list[str]  # changed but still being written
     removed: list[str]  # stored but gone from DIR
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class DirSync:
@@ -279,11 +236,12 @@ class DirSync:
                     continue
                 started = time.monotonic()
                 try:
-                    stored, fetched = self._restore_from(manifest)
+                    placed, fetched = fetch_into(self.dir, self.reader, manifest, self._keys_of, self._wants_keys)
                 except CorruptSnapshotError as exc:
                     skipped_corrupt += 1
                     log.warning("sync snapshot %s is corrupt (%s); trying the previous one", manifest.snapshot_id, exc)
                     continue
+                stored = {rel: _Stored(entry, fp, keys) for rel, (entry, fp, keys) in placed.items()}
                 self._adopt(manifest, stored)
                 self._move_aside_partial_zips(keep=set(stored))
                 log.info("restored %s from sync snapshot %s (step %d): %d file(s) downloaded (%.1f MB), %d already "
@@ -303,56 +261,6 @@ class DirSync:
             if rel not in keep and self._seen[rel].zip_state == "partial":
                 self._suspect[rel] = scan.found[rel]  # type: ignore[union-attr]
         self._put_back_partial_checkpoints()
-
-    def _restore_from(self, manifest: Manifest) -> tuple[dict[str, _Stored], tuple[int, int]]:
-        """Stage every file of `manifest`, then move them into place. Raises CorruptSnapshotError."""
-        keep: dict[str, tuple[Path, FileEntry]] = {}
-        staged: list[tuple[Path, Path, str, FileEntry]] = []
-        keys: dict[str, tuple[tuple[str, int], ...]] = {}  # steps inside the files, for the next sync's step
-        try:
-            for entry in manifest.files:
-                try:
-                    rel = decode_path(entry.path)
-                except ValueError as exc:
-                    raise CorruptSnapshotError(str(exc)) from None
-                target = self._local(rel)
-                if target.is_file() and target.stat().st_size == entry.size and _sha256_file(target) == entry.sha256:
-                    keep[rel] = (target, entry)
-                    keys[rel] = self._keys_of(rel, target.read_bytes()) if self._wants_keys(rel) else ()
-                    continue
-                data = self.reader.read_file(manifest, entry)  # checked against its SHA-256
-                keys[rel] = self._keys_of(rel, data)
-                staged.append((self._stage(target, data), target, rel, entry))
-            for tmp, target, rel, entry in staged:
-                if target.is_dir():
-                    raise SyncDirError(f"cannot restore {target}: a folder has that name")
-                os.replace(tmp, target)
-        except OSError as exc:
-            if isinstance(exc, StorageError):
-                raise
-            raise SyncDirError(f"cannot write into --sync-dir {self.dir}: {exc}") from None
-        finally:
-            for tmp, *_ in staged:
-                tmp.unlink(missing_ok=True)
-        stored = {rel: _Stored(entry, fingerprint(os.stat(path)), keys[rel]) for rel, (path, entry) in keep.items()}
-        for _, target, rel, entry in staged:
-            stored[rel] = _Stored(entry, fingerprint(os.stat(target)), keys[rel])
-        return stored, (len(staged), sum(e.size for *_, e in staged))
-
-    def _local(self, rel: str) -> Path:
-        target = (self.dir / rel).resolve()
-        if not target.is_relative_to(self.dir.resolve()):
-            raise CorruptSnapshotError(f"{rel!r} escapes {self.dir}")
-        return target
-
-    def _stage(self, target: Path, data: bytes) -> Path:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f"{PRIVATE_PREFIX}restore-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return tmp
 
     def _adopt(self, manifest: Manifest, stored: dict[str, _Stored]) -> None:
         self._base, self._stored, self._step = manifest, stored, manifest.step
@@ -527,7 +435,7 @@ class DirSync:
                     except (CorruptSnapshotError, StorageError) as exc:
                         log.warning("cannot put back %s from snapshot %s: %s", rel, self._base.snapshot_id, exc)
                     else:
-                        os.replace(self._stage(path, data), path)
+                        os.replace(stage(path, data), path)
                         self._stored[rel] = replace(stored, fingerprint=fingerprint(os.stat(path)))
                         del self._suspect[rel]
                         log.warning("%s was half-written when the child died; put back its version from snapshot %s",

@@ -1,4 +1,4 @@
-"""What one file in a --sync-dir holds: is it whole, a consistent read of it, and the training step it is at.
+"""One file in a --sync-dir: its stored name, whether it is whole, a consistent read of it, its training step.
 
 Pure functions of bytes, names and a stat, used by syncdir.py (which decides
 when to look).  Design notes (why):
@@ -35,6 +35,7 @@ when to look).  Design notes (why):
 
 from __future__ import annotations
 
+import base64
 import binascii
 import collections
 import io
@@ -48,6 +49,10 @@ from pathlib import Path
 Fingerprint = tuple[int, int, int]  # size, mtime_ns, inode
 
 MAX_STEP = 10**12 - 1
+ENCODED_PREFIX = "_b32."
+PRIVATE_PREFIX = ".runner-"  # our staging files in DIR; never synced
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_BASE32 = re.compile(r"^[a-z2-7]+$")
 DEFAULT_KEYS = ("iter_num", "global_step", "step")
 _ZIP_HEAD = b"PK\x03\x04"
 _ZIP_END = b"PK\x05\x06"
@@ -58,6 +63,40 @@ _FOLDER_STEP = re.compile(r"^(?:checkpoint|ckpt|step|global_step|iter)[-_=]?(\d+
 
 def fingerprint(st: os.stat_result) -> Fingerprint:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+# -- how names are stored (syncdir.py's notes) ---------------------------------------------
+
+def encode_path(rel: str) -> str:
+    """The manifest path for DIR-relative `rel` ("a/b c.pth" -> "a/_b32.mjqgg..."); see the module notes."""
+    return "/".join(_encode_segment(s) for s in rel.split("/"))
+
+
+def _encode_segment(name: str) -> str:
+    if _SAFE_SEGMENT.match(name) and not name.startswith(ENCODED_PREFIX):
+        return name
+    return ENCODED_PREFIX + base64.b32encode(os.fsencode(name)).decode().rstrip("=").lower()
+
+
+def decode_path(path: str) -> str:
+    """The DIR-relative path a manifest path stands for. Raises ValueError for one that is not ours or unsafe."""
+    return "/".join(_decode_segment(s) for s in path.split("/"))
+
+
+def _decode_segment(segment: str) -> str:
+    if not segment.startswith(ENCODED_PREFIX):
+        name = segment
+    else:
+        body = segment[len(ENCODED_PREFIX):]
+        if not _BASE32.match(body):
+            raise ValueError(f"{segment!r} is not a valid encoded name")
+        try:
+            name = os.fsdecode(base64.b32decode(body.upper() + "=" * (-len(body) % 8)))
+        except (ValueError, TypeError):
+            raise ValueError(f"{segment!r} is not a valid encoded name") from None
+    if name in ("", ".", "..") or "/" in name or "\0" in name or (os.sep != "/" and os.sep in name):
+        raise ValueError(f"{segment!r} names an unsafe path segment")
+    return name
 
 
 # -- completeness -------------------------------------------------------------------------

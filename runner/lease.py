@@ -99,6 +99,15 @@ def is_current(store: Store, run_id: str, generation: int) -> bool:
     return not gens or gens[-1] <= generation
 
 
+def fence(store: Store, run_id: str) -> None:
+    """The training process's check before a commit: raises LeaseLostError once the lease its
+    supervisor passed down (RUNNER_LEASE_GENERATION) is no longer the newest.  Without one, a no-op."""
+    generation = os.environ.get(ENV_LEASE_GENERATION)
+    if generation and not is_current(store, run_id, int(generation)):
+        raise LeaseLostError(
+            f"run {run_id}: another instance took over (lease generation {generation} is stale); not committing")
+
+
 class Lease:
     """This instance's claim on a run."""
 

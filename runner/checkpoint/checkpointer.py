@@ -406,11 +406,7 @@ class Checkpointer:
 
     def _fence(self) -> None:
         """Refuse to commit once another instance holds a newer lease on the run (see runner.lease)."""
-        generation = os.environ.get(lease.ENV_LEASE_GENERATION)
-        if generation and not lease.is_current(self.store, self.run_id, int(generation)):
-            raise lease.LeaseLostError(
-                f"run {self.run_id}: another instance took over (lease generation {generation} is stale); "
-                "not committing")
+        lease.fence(self.store, self.run_id)
 
     def wait(self) -> CommitResult | None:
         """Block until the periodic save in flight (if any) is committed."""

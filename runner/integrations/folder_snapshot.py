@@ -41,7 +41,8 @@ from typing import Any
 from runner.checkpoint import layout
 from runner.checkpoint.manifest import FileEntry, Manifest, Reason
 from runner.checkpoint.reader import CorruptSnapshotError, RunReader
-from runner.checkpoint.writer import CommitResult, PendingSnapshot, fault, manifest_for, next_save_number
+from runner.checkpoint.writer import (CommitResult, PendingSnapshot, create_manifest, fault, manifest_for,
+                                     next_save_number)
 from runner.storage import Store
 
 log = logging.getLogger("runner.integrations")
@@ -145,7 +146,7 @@ def publish_folder(store: Store, run_id: str, save: FolderSave,
                               parent=save.parent, metrics=dict(save.metrics or {}), extra=dict(save.extra or {}),
                               capture_seconds=save.stall_seconds)
     manifest = manifest_for(run_id, sid, pending, entries)
-    store.create_bytes(layout.manifest_key(run_id, sid), manifest.to_bytes())
+    create_manifest(store, run_id, manifest.to_bytes(), sid)
     fault("after-manifest", number)
     return CommitResult(manifest, save.stall_seconds, time.perf_counter() - started)
 

@@ -235,10 +235,7 @@ class RunnerCallback(TrainerCallback):
 
     def _fence(self) -> None:
         """Refuse to commit once another instance holds a newer lease on the run (see runner.lease)."""
-        generation = os.environ.get(lease.ENV_LEASE_GENERATION)
-        if generation and not lease.is_current(self.store, self.run_id, int(generation)):
-            raise lease.LeaseLostError(f"run {self.run_id}: another instance took over (lease generation "
-                                       f"{generation} is stale); not committing")
+        lease.fence(self.store, self.run_id)
 
     def _note(self, step: int, reason: Reason, trainer_save_s: float | None, stall_s: float) -> None:
         record = {"step": step, "reason": reason.value, "stall_s": stall_s, "trainer_save_s": trainer_save_s}

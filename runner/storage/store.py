@@ -599,8 +599,8 @@ def _alive(pid: int) -> bool:
 
 
 def _mtime(info: dict[str, Any]) -> float | None:
-    for field in ("LastModified", "mtime", "created"):
-        value = info.get(field)
+    for name in ("LastModified", "mtime", "created"):
+        value = info.get(name)
         if isinstance(value, dt.datetime):
             return value.timestamp()
         if isinstance(value, (int, float)):

@@ -99,6 +99,6 @@ while iter_num < args.max_iters:
         checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
                       "iter_num": iter_num, "best_val_loss": best_val_loss, "config": vars(args)}
         torch.save(checkpoint, ckpt_path)  # in place, like nanoGPT
-        print(f"saved ckpt.pt at iter {iter_num}", flush=True)
+        print(f"saved ckpt.pt at iter {iter_num} at {time.time():.3f}", flush=True)
     time.sleep(args.sleep)
 print("training done", flush=True)

@@ -645,6 +645,12 @@ class Supervisor:
             self.sync.after_exit(clean=outcome.returncode == 0)
         except StorageError as exc:
             log.warning("the sync after the child ended failed: %s", exc)
+        self._sync_progress()
+
+    def _sync_progress(self) -> None:
+        """A --sync-dir child reports no step: the step its files reached stands in (the cost ledger's end)."""
+        if self.sync is not None and self.sync.step is not None:
+            self._last_progress = max(self._last_progress or 0, self.sync.step)
 
     def _sync_preempt(self, child: Child, notice: Notice) -> RunStatus:
         """A termination in sync mode: files in flight settle (until the plan's ack time), DIR is committed,
@@ -668,6 +674,7 @@ class Supervisor:
         except StorageError as exc:
             log.warning("the last sync failed: %s", exc)
             held = None
+        self._sync_progress()
         self.status = RunStatus.STOPPING
         if alive():
             log.info("%s to the child's process group", self.config.sync_signal)

@@ -89,8 +89,11 @@ def test_nanogpt_style_ckpt_spot_notice_then_resume_in_an_empty_folder_matches_t
     # Lost: at most one save interval behind what the child had done when the notice came.
     assert at_notice - SAVE < newest.step <= reached, (at_notice, newest.step, reached)
     assert reached - newest.step <= 2 * SAVE, (newest.step, reached)  # the child trains on while DIR is synced
-    print(f"notice at iter {at_notice}, snapshot at iter {newest.step}, child stopped at iter {reached}: "
-          f"{at_notice - newest.step} iteration(s) lost, {reached - newest.step} redone")
+    held = re.search(r"sync snapshot \S+ holds .*, ([\d.]+) s after the notice; preempted", out)
+    assert held, out
+    print(f"notice at iter {at_notice}, snapshot at iter {newest.step} ({held.group(1)} s after the notice), child "
+          f"stopped at iter {reached}: {max(0, at_notice - newest.step)} iteration(s) lost, {reached - newest.step} "
+          "redone")
     assert {i: expected[i] for i in _losses(out)} == _losses(out)
 
     # A new instance: an empty folder.  ckpt.pt is there before the command's `[ -f out/ckpt.pt ]` runs.

@@ -295,21 +295,57 @@ class Checkpointer:
 
     def save(self, step: int, *, epoch: int | None = None, metrics: dict[str, float] | None = None,
              final: bool = False, reason: Reason | str | None = None, pin: bool = False) -> CommitResult:
-        """Save now and wait until committed. `final=True` marks the run finished."""
-        try:
-            self._writer.wait()
-        except StorageError as exc:
-            log.warning("the previous periodic save failed (%s); saving again now", exc)
+        """Save now and wait until committed. `final=True` marks the run finished.
+
+        A final save at the step of the periodic save just made writes one
+        snapshot, not two: the periodic one, still in flight, is committed as
+        final; one already committed is removed once the final one is.
+        """
         chosen = Reason.FINAL if final else Reason(reason or Reason.MANUAL)
-        if self._group is not None:
-            result = self._commit_sharded(step, epoch, metrics, chosen)
-        else:
-            result = self._commit(self._capture(step, epoch, metrics, chosen))
+        result = self._finish_inflight(step, epoch, metrics) if final and self._group is None else None
+        if result is None:
+            try:
+                self._writer.wait()
+            except StorageError as exc:
+                log.warning("the previous periodic save failed (%s); saving again now", exc)
+            same_step = self._same_step_periodic(step) if final else None
+            if self._group is not None:
+                result = self._commit_sharded(step, epoch, metrics, chosen)
+            else:
+                result = self._commit(self._capture(step, epoch, metrics, chosen))
+            if same_step is not None:
+                self._drop_superseded(same_step)
         if pin and (self._group is None or self._group.is_coordinator):
             self.pin(result.manifest.snapshot_id)
         if final:
             self.finished = True
         return result
+
+    def _finish_inflight(self, step: int, epoch: int | None, metrics: dict[str, float] | None) -> CommitResult | None:
+        """Commit the periodic save of `step` still in flight as the final one; None when there is none (or it failed)."""
+        pending = self._writer.pending()
+        if pending is None or pending.step != step or not pending.upgrade(Reason.FINAL, epoch, metrics):
+            return None
+        if epoch is not None:
+            self.epoch = int(epoch)
+        try:
+            return self._writer.wait()
+        except StorageError as exc:
+            log.warning("the periodic save at step %d, made final, failed (%s); saving again now", step, exc)
+            return None
+
+    def _same_step_periodic(self, step: int) -> Manifest | None:
+        """The periodic snapshot this process committed at `step`, which a final save there supersedes."""
+        last = self.last_commit.manifest if self.last_commit else None
+        return last if last is not None and last.step == step and last.reason is Reason.PERIODIC else None
+
+    def _drop_superseded(self, manifest: Manifest) -> None:
+        """Remove a snapshot of the same step as the one just committed (manifest first), unless pinned."""
+        try:
+            if manifest.snapshot_id not in self.reader.pinned():
+                retention.apply(self.reader, retention.GcPlan([manifest], [], []))
+        except StorageError as exc:
+            log.warning("could not remove snapshot %s, superseded by the final one: %s", manifest.snapshot_id, exc)
 
     def pin(self, snapshot_id: str) -> None:
         """Keep a snapshot out of rotation (see `runner pin`)."""
@@ -340,8 +376,9 @@ class Checkpointer:
 
     def _commit(self, pending: PendingSnapshot) -> CommitResult:
         """Write, then apply retention (only after this commit succeeded)."""
+        background = pending.reason is Reason.PERIODIC and self.settings.async_save  # before an upgrade to final
         result = write_snapshot(self.store, self.run_id, pending, fence=self._fence)
-        blocking = pending.reason is not Reason.PERIODIC or not self.settings.async_save
+        blocking = not background
         self._committed(result, blocking)
         return result
 

@@ -79,6 +79,29 @@ class PendingSnapshot:
     # Called once the components are no longer needed (data written, or failed):
     # hands the capture's host memory back for reuse (state.HostBuffers).
     release: Callable[[], None] | None = None
+    _sealed: bool = field(default=False, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    def upgrade(self, reason: Reason, epoch: int | None = None, metrics: dict[str, float] | None = None) -> bool:
+        """Change what the manifest will say while it is not being written yet; False once it is.
+
+        A final save at the step of a periodic one in flight turns that one
+        final instead of writing the same state twice.
+        """
+        with self._lock:
+            if self._sealed:
+                return False
+            self.reason = reason
+            if epoch is not None:
+                self.epoch = int(epoch)
+            if metrics:
+                self.metrics = {k: float(v) for k, v in metrics.items()}
+            return True
+
+    def seal(self) -> None:
+        """The manifest is being written from this pending snapshot: no more upgrades."""
+        with self._lock:
+            self._sealed = True
 
 
 @dataclass(frozen=True)
@@ -214,6 +237,7 @@ def write_snapshot(store: Store, run_id: str, pending: PendingSnapshot,
     fault("before-manifest", save_number)
     if fence is not None:
         fence()
+    pending.seal()
     manifest = manifest_for(run_id, sid, pending, files)
     create_manifest(store, run_id, manifest.to_bytes(), sid)
     fault("after-manifest", save_number)
@@ -264,6 +288,7 @@ class BackgroundWriter:
         self._commit = commit
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner-writer")
         self._inflight: Future[CommitResult] | None = None
+        self._pending: PendingSnapshot | None = None
         self._lock = threading.Lock()
 
     def submit(self, pending: PendingSnapshot,
@@ -271,13 +296,19 @@ class BackgroundWriter:
         """Queue a commit (by `commit`, default the writer's) after waiting for the one in flight (its error is re-raised)."""
         self.wait()
         with self._lock:
+            self._pending = pending
             self._inflight = self._pool.submit(commit or self._commit, pending)
             return self._inflight
+
+    def pending(self) -> PendingSnapshot | None:
+        """The snapshot submitted and not yet waited for (committing, or committed), if any."""
+        with self._lock:
+            return self._pending if self._inflight is not None else None
 
     def wait(self) -> CommitResult | None:
         """Block until nothing is in flight; re-raise the in-flight commit's error."""
         with self._lock:
-            inflight, self._inflight = self._inflight, None
+            inflight, self._inflight, self._pending = self._inflight, None, None
         return inflight.result() if inflight is not None else None
 
     def busy(self) -> bool:

@@ -128,6 +128,7 @@ SYNC_FORMAT = 1
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 _FINAL_POLL_S = 0.25
 _CATCH_POLL_S = 0.01  # how often a torch file being rewritten is looked at for a whole version
+_CATCH_READS = 5  # whole reads of one file per catch: one too big to read between two saves costs no more
 _THREAD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 
 
@@ -323,16 +324,23 @@ class DirSync:
 
         A file rewritten in place every fraction of a second never stays
         unchanged, but it is whole between two saves: the first consistent,
-        whole read of each is what gets published.  Stops early when
-        `wait` returns True (the scanner is being stopped).
+        whole read of each is what gets published.  At most `_CATCH_READS`
+        whole reads per file (each starts only once its end record is in
+        place).  Stops early when `wait` returns True (the scanner is being
+        stopped).
         """
         got: dict[str, Read] = {}
         pending = list(rels)
+        tries = dict.fromkeys(rels, _CATCH_READS)
         while pending:
             for rel in list(pending):
+                if tail_state(self.dir / rel) != "complete":
+                    continue
                 read = self._read_whole(rel, None, zips_only=True)
+                tries[rel] -= 1
                 if read is not None:
                     got[rel] = read
+                if read is not None or not tries[rel]:
                     pending.remove(rel)
             if not pending or time.monotonic() + _CATCH_POLL_S >= until or wait(_CATCH_POLL_S):
                 break

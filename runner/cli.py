@@ -223,6 +223,8 @@ def _add_start(sub: Any) -> None:
              help="the EC2 Auto Scaling group to scale to zero when the run is finished (exit 0)")
     add_flag(p, "--price-per-hour", type=float, metavar="USD",
              help="what this instance costs per hour, for the cost ledger (default: from EC2 / the bundled table)")
+    add_flag(p, "--price-label", metavar="TEXT",
+             help="where --price-per-hour comes from, shown beside it in reports (e.g. 'spot, us-east-1a, 2026-12')")
     add_flag(p, "--on-demand-price-per-hour", type=float, metavar="USD",
              help="the on-demand price to compare with (default: the AWS Pricing API / the bundled table)")
     add_flag(p, "--offline-prices", action="store_true",
@@ -249,6 +251,11 @@ def _add_report(sub: Any) -> None:
     add_flag(p, "--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
     add_flag(p, "--offline", action="store_true",
              help="use the prices recorded in the ledger; do not ask EC2 for the spot price history")
+    add_flag(p, "--price-per-hour", type=float, metavar="USD",
+             help="price every segment at this hourly rate instead of what the ledger recorded (for a run "
+                  "recorded without a price)")
+    add_flag(p, "--on-demand-price-per-hour", type=float, metavar="USD",
+             help="compare with this on-demand hourly rate instead of the one the ledger recorded")
 
 
 def _add_drill(sub: Any) -> None:
@@ -354,7 +361,7 @@ def _start(args: argparse.Namespace) -> int:
         "run_id", "save_every_steps", "keep_last", "notice_source", "grace_seconds", "max_restarts",
         "sync_dir", "imds_endpoint", "poll_interval_s", "lease_ttl_s", "restart_backoff_s", "crash_loop_limit",
         "sync_signal", "sync_settle_s", "sync_step_from", "scale_down_group",
-        "price_per_hour", "on_demand_price_per_hour", "heartbeat_s", "nproc_per_node", "nnodes", "rdzv_endpoint")}
+        "price_per_hour", "price_label", "on_demand_price_per_hour", "heartbeat_s", "nproc_per_node", "nnodes", "rdzv_endpoint")}
     if args.offline_prices:
         values["price_lookup"] = False
     config = StartConfig(bucket=args.bucket, command=list(args.train_command), storage_options=_storage_options(args),
@@ -368,8 +375,13 @@ def _report(args: argparse.Namespace) -> int:
 
     if args.run_id is not None:
         ops.check_run_id(args.run_id)
+    for flag, value in (("--price-per-hour", args.price_per_hour),
+                        ("--on-demand-price-per-hour", args.on_demand_price_per_hour)):
+        if value is not None and not value >= 0:
+            raise ConfigError(f"{flag} must be a price in USD per hour (0 or more), not {value}")
     store = ops.open_store(args.bucket, _storage_options(args))
-    reports = collect.report_runs(store, args.run_id, lookup=not args.offline)
+    reports = collect.report_runs(store, args.run_id, lookup=not args.offline, price_override=args.price_per_hour,
+                                  on_demand_override=args.on_demand_price_per_hour)
     if args.format == "table" and not args.output:
         render.table(reports, terminal.stdout())
         return EXIT_OK

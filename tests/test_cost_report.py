@@ -207,3 +207,20 @@ def test_ledger_objects_are_created_once_and_readers_skip_all_but_the_last_heart
         "000004-snapshot.json")]
     events = read_events(store, "run1")
     assert [(e.kind, e.get("step")) for e in events] == [("start", 0), ("heartbeat", 3), ("snapshot", 3)]
+
+
+def test_report_time_prices_replace_a_ledger_recorded_without_any() -> None:
+    # `runner report --price-per-hour 0.9 --on-demand-price-per-hour 3.0` for a run started without prices.
+    ledger = Ledger().start("a", 0, 0, usd=None, od=None).add("a", "end", 7200, reason="finished", step=100)
+    r = build_report("run", ledger.events, now=T0 + 10_000, price_override=0.9, on_demand_override=3.0)
+    seg = r.segments[0]
+    assert r.total_cost_usd == pytest.approx(1.8) and r.on_demand_cost_usd == pytest.approx(6.0)
+    assert r.savings_pct == pytest.approx(70.0) and r.unpriced_seconds == 0
+    assert seg.price_source == "override: runner report --price-per-hour"
+    assert seg.on_demand_source == "override: runner report --on-demand-price-per-hour"
+
+
+def test_a_report_time_price_wins_over_a_recorded_one_and_the_on_demand_price_stays() -> None:
+    ledger = Ledger().start("a", 0, 0, usd=1.0, od=4.0).add("a", "end", 3600, reason="finished", step=10)
+    r = build_report("run", ledger.events, now=T0 + 10_000, price_override=2.0)
+    assert r.total_cost_usd == pytest.approx(2.0) and r.on_demand_cost_usd == pytest.approx(4.0)

@@ -6,6 +6,7 @@ metadata simulator over HTTP.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -39,6 +40,15 @@ def test_demo_shows_the_interruption_and_the_resume_on_a_new_instance(tmp_path):
     # (--no-reference keeps the test short; the comparison is the drill's, tested in test_drill.py.)
     assert "final state:  not compared (--no-reference)" in out
     assert "Traceback" not in out + proc.stderr
+    # The cost report shows what spot saved: the simulated instance's example spot price, labelled as such,
+    # against the on-demand price of its type.
+    report = subprocess.run([PYTHON, "-m", "runner", "report", "--bucket", str(tmp_path / "bucket"), "--format", "json"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    totals = json.loads(report.stdout)
+    totals = totals[0] if isinstance(totals, list) else totals
+    assert totals["savings_pct"] > 50, totals
+    assert any("example spot price of the simulated g5.xlarge" in s for s in totals["price_sources"]), totals
 
 
 def test_demo_bad_usage_is_exit_2_with_one_line(capsys, tmp_path):

@@ -21,9 +21,13 @@ from runner.storage import StorageError, Store
 log = logging.getLogger("runner.cost")
 
 
-def report_runs(store: Store, run_id: str | None = None, *, lookup: bool = True,
-                now: float | None = None) -> list[Report]:
+def report_runs(store: Store, run_id: str | None = None, *, lookup: bool = True, now: float | None = None,
+                price_override: float | None = None, on_demand_override: float | None = None) -> list[Report]:
     """Reports for `run_id`, or for every run under the store with a ledger.
+
+    `price_override` / `on_demand_override` (USD per hour) replace what the
+    ledger recorded, for every segment (a ledger recorded without a price);
+    with a price override no spot price history is looked up.
 
     Raises SnapshotNotFoundError when the run has no ledger (or no run has
     one), StorageError when the store fails.
@@ -45,15 +49,16 @@ def report_runs(store: Store, run_id: str | None = None, *, lookup: bool = True,
             log.warning("cannot read the snapshots of run %s: %s", run, exc)
             manifests = []
         schedules: dict[str, list[tuple[float, float]]] = {}
-        if lookup:
+        if lookup and price_override is None:
             draft = build_report(run, events, now=now, snapshots=manifests)
             for seg in draft.segments:
                 if seg.cloud == "ec2" and seg.lifecycle == "spot" and seg.instance_type and seg.availability_zone \
-                        and seg.price_source != pricing.SRC_OVERRIDE:  # fmt: skip
+                        and not pricing.is_override(seg.price_source):  # fmt: skip
                     history = pricing.spot_price_history(seg.instance_type, seg.availability_zone, seg.start,
                                                          seg.end, region=seg.region)
                     if history:
                         schedules[seg.attempt] = history
         reports.append(build_report(run, events, now=now, snapshots=manifests, schedules=schedules,
-                                    schedule_source={a: pricing.SRC_SPOT_HISTORY for a in schedules}))
+                                    schedule_source={a: pricing.SRC_SPOT_HISTORY for a in schedules},
+                                    price_override=price_override, on_demand_override=on_demand_override))
     return reports

@@ -37,12 +37,13 @@ class CostHook:
 
     def __init__(self, store: Store, run_id: str, *, heartbeat_s: float = 60.0, log_every_s: float = 300.0,
                  price_per_hour: float | None = None, on_demand_price_per_hour: float | None = None,
-                 price_lookup: bool = True, source: Callable[[], Any] | None = None):
+                 price_lookup: bool = True, price_label: str | None = None, source: Callable[[], Any] | None = None):
         self.writer = LedgerWriter(store, run_id)
         self.store, self.run_id = store, run_id
         self.heartbeat_s = heartbeat_s
         self.log_every_s = log_every_s
         self._overrides = (price_per_hour, on_demand_price_per_hour)
+        self._price_label = price_label
         self._lookup = price_lookup
         self._source = source or (lambda: None)
         self._progress: Callable[[], Any] = lambda: None
@@ -134,7 +135,7 @@ class CostHook:
         facts = self._safely(self._facts)
         price, on_demand = self._safely(lambda: pricing.start_prices(
             facts, price_override=self._overrides[0], on_demand_override=self._overrides[1], lookup=self._lookup,
-            at=self.started_at)) or (UNKNOWN, UNKNOWN)
+            at=self.started_at, price_label=self._price_label)) or (UNKNOWN, UNKNOWN)
         self.price = price
         instance = {k: getattr(facts, k, None) for k in ("cloud", "instance_id", "instance_type",
                                                          "availability_zone", "region", "lifecycle")}

@@ -178,8 +178,17 @@ def parse_price_list(price_list: Iterable[str | dict[str, Any]]) -> float | None
 # -- what an attempt records at start ---------------------------------------------
 
 
+def is_override(source: str) -> bool:
+    """True for a price a person set (`--price-per-hour`, with or without a label), not one looked up."""
+    return source == SRC_OVERRIDE or source.startswith(f"{SRC_OVERRIDE}: ")
+
+
+def override(usd_per_hour: float, label: str | None = None) -> Price:
+    return Price(usd_per_hour, f"{SRC_OVERRIDE}: {label}" if label else SRC_OVERRIDE)
+
+
 def start_prices(facts: Any, *, price_override: float | None = None, on_demand_override: float | None = None,
-                 lookup: bool = True, at: float | None = None) -> tuple[Price, Price]:
+                 lookup: bool = True, at: float | None = None, price_label: str | None = None) -> tuple[Price, Price]:
     """(price paid, on-demand price) for an instance, each with its source.
 
     `facts` is an InstanceFacts (or None).  Order: the overrides; for EC2,
@@ -202,7 +211,7 @@ def start_prices(facts: Any, *, price_override: float | None = None, on_demand_o
     if on_demand is None:
         on_demand = table_on_demand(itype) or UNKNOWN
     if price_override is not None:
-        return Price(price_override, SRC_OVERRIDE), on_demand
+        return override(price_override, price_label), on_demand
     if lifecycle == "spot":
         if lookup and itype and zone and getattr(facts, "cloud", None) == "ec2":
             history = spot_price_history(itype, zone, at - 3600, at, region=region)

@@ -196,7 +196,8 @@ def _iso(t: float) -> str:
 
 def build_report(run_id: str, events: Iterable[Event], *, now: float,
                  snapshots: Sequence[Any] = (), schedules: dict[str, list[tuple[float, float]]] | None = None,
-                 schedule_source: dict[str, str] | None = None) -> Report:
+                 schedule_source: dict[str, str] | None = None, price_override: float | None = None,
+                 on_demand_override: float | None = None) -> Report:
     """The report for one run.
 
     `events`: the run's ledger (ledger.read_events).  `snapshots`: manifests
@@ -204,15 +205,18 @@ def build_report(run_id: str, events: Iterable[Event], *, now: float,
     resume points the ledger lacks.  `schedules`: per attempt, a price
     history [(effective from, usd/h)] that replaces the price recorded at
     start (with `schedule_source` naming where it came from).  `now`: UNIX
-    time, for runs still going.
+    time, for runs still going.  `price_override` / `on_demand_override`:
+    USD per hour for every segment, in place of the recorded prices
+    (`runner report --price-per-hour`), labelled as set at report time.
     """
     by_attempt: dict[str, list[Event]] = {}
     for event in events:
         by_attempt.setdefault(event.attempt, []).append(event)
     schedules = schedules or {}
     schedule_source = schedule_source or {}
+    overrides = (price_override, on_demand_override)
     segments = [_segment(attempt, sorted(evs, key=lambda e: (e.seq, e.time)), now, schedules.get(attempt),
-                         schedule_source.get(attempt)) for attempt, evs in by_attempt.items()]
+                         schedule_source.get(attempt), overrides) for attempt, evs in by_attempt.items()]
     segments.sort(key=lambda s: (s.start, s.attempt))
     marks = _marks(by_attempt, snapshots)
     _lost_work(segments, marks)
@@ -220,14 +224,18 @@ def build_report(run_id: str, events: Iterable[Event], *, now: float,
 
 
 def _segment(attempt: str, events: list[Event], now: float, schedule: list[tuple[float, float]] | None,
-             schedule_source: str | None) -> Segment:
-    from runner.cost.pricing import Price
+             schedule_source: str | None, overrides: tuple[float | None, float | None] = (None, None)) -> Segment:
+    from runner.cost.pricing import Price, override
 
     start_ev = next((e for e in events if e.kind == "start"), None)
     end_ev = next((e for e in events if e.kind == "end"), None)
     info = (start_ev.get("instance") if start_ev else None) or {}
     price = Price.from_json(start_ev.get("price") if start_ev else None)
     od = Price.from_json(start_ev.get("on_demand") if start_ev else None)
+    if overrides[0] is not None:
+        price, schedule = override(overrides[0], "runner report --price-per-hour"), None
+    if overrides[1] is not None:
+        od = override(overrides[1], "runner report --on-demand-price-per-hour")
     start = start_ev.time if start_ev else min(e.time for e in events)
     last = max(e.time for e in events)
     heartbeat_s = float((start_ev.get("heartbeat_s") if start_ev else None) or DEFAULT_HEARTBEAT_S)

@@ -172,6 +172,13 @@ class _Demo:
             names = ", ".join(c.component for c in components)
             _say(f"   final state:  bitwise identical to the uninterrupted run ({len(components)} files: {names})")
 
+    @staticmethod
+    def _env(sim: ImdsSimulator) -> dict[str, str]:
+        """The supervisor's environment: the simulated instance is charged an example spot price, so labelled."""
+        identity = sim.identity
+        return dict(instance_env(), RUNNER_PRICE_PER_HOUR=str(identity.example_spot_price),
+                    RUNNER_PRICE_LABEL=f"example spot price of the simulated {identity.instance_type}, not a quote")
+
     def _instance(self, name: str, reader: RunReader, notice_step: int | None = None, resume_step: int = 0,
                   quiet: bool = False) -> tuple[Watched, Watched | None]:
         """Run one instance to its end; the second value is set when the spot notice was sent."""
@@ -187,7 +194,7 @@ class _Demo:
             # Shown: the supervisor's log and the training's output in one stream, in order.
             log = open(self.work / f"{name}.log", "w") if quiet else None
             sys.stdout.flush()
-            instance = Instance(argv, self.work / name, instance_env(), output=log or _stdout())
+            instance = Instance(argv, self.work / name, self._env(sim), output=log or _stdout())
             sent: list[bool] = []
 
             def notice() -> None:

@@ -79,6 +79,10 @@ class InstanceIdentity:
     availability_zone: str = "us-east-1a"
     region: str = "us-east-1"
     lifecycle: str = "spot"
+    # An example spot price for the simulated instance, USD per hour: EC2's metadata serves no
+    # price, and offline there is no spot price history, so the demo passes it as a labelled
+    # override.  About what a g5.xlarge went for in us-east-1 in 2026; not a quote.
+    example_spot_price: float = 0.42
 
     def paths(self) -> dict[str, str]:
         return {

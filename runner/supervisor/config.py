@@ -51,6 +51,7 @@ class StartConfig(BaseModel):
     lease_ttl_s: float = Field(default=60.0, ge=3)
     # Cost ledger (runner/cost): prices override what the metadata service and AWS say.
     price_per_hour: float | None = Field(default=None, ge=0)
+    price_label: str | None = Field(default=None, max_length=120)  # where price_per_hour comes from, for reports
     on_demand_price_per_hour: float | None = Field(default=None, ge=0)
     price_lookup: bool = True  # ask EC2 / the Pricing API on EC2 (else the bundled table only)
     heartbeat_s: float = Field(default=60.0, ge=0.5, le=600)  # ledger heartbeats; a hard kill ends at the last

@@ -619,7 +619,8 @@ class Supervisor:
             return step if step is not None else self._last_progress
 
         self.cost = CostHook(store, cfg.run_id, heartbeat_s=cfg.heartbeat_s, log_every_s=cfg.cost_log_interval_s,
-                             price_per_hour=cfg.price_per_hour, on_demand_price_per_hour=cfg.on_demand_price_per_hour,
+                             price_per_hour=cfg.price_per_hour, price_label=cfg.price_label,
+                             on_demand_price_per_hour=cfg.on_demand_price_per_hour,
                              price_lookup=cfg.price_lookup, source=lambda: cloud.source)
         self.cost.start(self._step(newest), newest.snapshot_id if newest else None, progress=progress,
                         channel=lambda: self.child.channel if self.child is not None else None)

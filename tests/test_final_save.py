@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
+
 import runner
 import tiny_training as tiny
 from flaky_proxy import FlakyProxy
@@ -56,7 +58,8 @@ def test_a_final_save_at_the_step_of_a_periodic_save_in_flight_commits_that_one_
     assert _snapshots(s3_bucket_url) == [(4, "final"), (2, "periodic")]
 
 
-def test_a_final_save_after_the_periodic_one_committed_removes_the_periodic_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_final_save_after_the_periodic_one_committed_removes_it_unless_pinned(tmp_path: Path, pinned: bool) -> None:
     url = str(tmp_path / "bucket")
     parts = tiny.build()
     ckpt = runner.Checkpointer(url, "exp", save_every_steps=2, async_save=False, **parts.components())
@@ -64,22 +67,12 @@ def test_a_final_save_after_the_periodic_one_committed_removes_the_periodic_one(
         tiny.train_step(parts)
         ckpt.step(step)
     assert ckpt.last_commit.manifest.reason is Reason.PERIODIC and ckpt.last_commit.manifest.step == 4
+    if pinned:
+        ckpt.pin(ckpt.last_commit.manifest.snapshot_id)
     ckpt.save(4, final=True)
     ckpt.close()
-    assert _snapshots(url) == [(4, "final"), (2, "periodic")]
-
-
-def test_a_pinned_periodic_snapshot_is_kept_beside_the_final_one(tmp_path: Path) -> None:
-    url = str(tmp_path / "bucket")
-    parts = tiny.build()
-    ckpt = runner.Checkpointer(url, "exp", save_every_steps=2, async_save=False, **parts.components())
-    for step in range(1, 3):
-        tiny.train_step(parts)
-        ckpt.step(step)
-    ckpt.pin(ckpt.last_commit.manifest.snapshot_id)
-    ckpt.save(2, final=True)
-    ckpt.close()
-    assert _snapshots(url) == [(2, "final"), (2, "periodic")]
+    kept = [(4, "final"), (4, "periodic")] if pinned else [(4, "final")]
+    assert _snapshots(url) == [*kept, (2, "periodic")]
 
 
 def test_a_final_save_at_another_step_keeps_the_periodic_one(tmp_path: Path) -> None:

@@ -1,10 +1,10 @@
 """The exceptions a user of `runner` may see, gathered in one place.
 
 Few classes, each subclassing a builtin, so callers can catch them by meaning.
+The checkpoint errors are defined here (and re-exported by checkpoint/) so
+that this module depends on storage/ alone and every layer may import it.
 """
 
-from runner.checkpoint.manifest import ManifestError
-from runner.checkpoint.reader import CorruptSnapshotError
 from runner.storage import (
     ObjectExistsError,
     StorageError,
@@ -13,6 +13,14 @@ from runner.storage import (
     StoreUnreachableError,
     UnsupportedURLError,
 )
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be trusted: unparsable, foreign, tampered, or unsupported."""
+
+
+class CorruptSnapshotError(ValueError):
+    """A snapshot's data does not match its manifest (missing, short, or altered)."""
 
 
 class UnsafeDataError(ValueError):

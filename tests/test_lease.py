@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from runner import lease
+from runner.control import lease
 from runner.storage import Store
 
 

@@ -46,7 +46,7 @@ def test_a_termination_while_waiting_for_the_lease_exits_75_without_training(tmp
 
 
 def test_a_holder_whose_lease_was_taken_stops_without_committing(tmp_path, supervisors):  # noqa: F811
-    from runner import lease
+    from runner.control import lease
     from runner.storage import Store
 
     bucket = str(tmp_path / "bucket")

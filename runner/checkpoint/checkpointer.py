@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from runner import control, lease
+from runner import control
+from runner.control import lease
 from runner.checkpoint import layout, retention, state
 from runner.checkpoint.manifest import Manifest, Reason
 from runner.checkpoint.reader import CorruptSnapshotError, RunReader
@@ -442,7 +443,7 @@ class Checkpointer:
             log.warning("retention skipped: %s", exc)
 
     def _fence(self) -> None:
-        """Refuse to commit once another instance holds a newer lease on the run (see runner.lease)."""
+        """Refuse to commit once another instance holds a newer lease on the run (see runner.control.lease)."""
         lease.fence(self.store, self.run_id)
 
     def wait(self) -> CommitResult | None:

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from runner.errors import ManifestError  # defined there, re-exported here
+
 FORMAT = "runner.snapshot"
 FORMAT_VERSION = 1
 # Version 2: `layout` may be "sharded" (torch.distributed.checkpoint shards, see
@@ -25,10 +27,6 @@ SHARDED_FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = {1, 2}
 
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
-
-
-class ManifestError(ValueError):
-    """A manifest that cannot be trusted: unparsable, foreign, tampered, or unsupported."""
 
 
 class Reason(str, Enum):

@@ -26,15 +26,12 @@ from dataclasses import dataclass
 from runner.checkpoint import layout
 from runner.checkpoint.manifest import FileEntry, Manifest, ManifestError
 from runner.storage import ObjectInfo, ObjectNotFoundError, Store
+from runner.errors import CorruptSnapshotError  # defined there, re-exported here
 
 log = logging.getLogger("runner.checkpoint")
 
 # Files of a snapshot fetched ahead of the one being deserialized, on restore.
 _READ_AHEAD = 4
-
-
-class CorruptSnapshotError(ValueError):
-    """A snapshot's data does not match its manifest (missing, short, or altered)."""
 
 
 @dataclass(frozen=True)

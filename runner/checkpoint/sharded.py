@@ -60,7 +60,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from runner import lease
+from runner.control import lease
 from runner.checkpoint import dcp_metadata, layout, state
 from runner.checkpoint.manifest import FileEntry, Manifest
 from runner.checkpoint.reader import CorruptSnapshotError, RunReader

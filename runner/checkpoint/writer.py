@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from runner import lease
+from runner.control import lease
 from runner.checkpoint import layout, state
 from runner.checkpoint.manifest import FORMAT_VERSION, SHARDED_FORMAT_VERSION, FileEntry, Manifest, Reason
 from runner.storage import ObjectExistsError, Store

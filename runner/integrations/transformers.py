@@ -51,7 +51,8 @@ except ImportError as exc:  # an optional extra: say how to get it
     raise ImportError("runner.integrations.transformers needs transformers: "
                       f"pip install 'runner[transformers]' ({exc})") from None
 
-from runner import control, lease
+from runner import control
+from runner.control import lease
 from runner.checkpoint import retention
 from runner.checkpoint.manifest import Manifest, Reason
 from runner.checkpoint.reader import CorruptSnapshotError, RunReader
@@ -234,7 +235,7 @@ class RunnerCallback(TrainerCallback):
         return result
 
     def _fence(self) -> None:
-        """Refuse to commit once another instance holds a newer lease on the run (see runner.lease)."""
+        """Refuse to commit once another instance holds a newer lease on the run (see runner.control.lease)."""
         lease.fence(self.store, self.run_id)
 
     def _note(self, step: int, reason: Reason, trainer_save_s: float | None, stall_s: float) -> None:

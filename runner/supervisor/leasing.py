@@ -1,4 +1,4 @@
-"""The supervisor's side of the run lease (runner/lease.py): one trainer per run.
+"""The supervisor's side of the run lease (runner/control/lease.py): one trainer per run.
 
 With CapacityRebalance an Auto Scaling group starts the replacement while the
 old instance is still draining, so two supervisors for one run are normal.
@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from runner import lease
+from runner.control import lease
 from runner.notices import Notice, NoticeKind
 from runner.storage import StorageError, Store
 

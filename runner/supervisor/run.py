@@ -55,7 +55,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 
 from runner import control
-from runner.lease import ENV_LEASE_GENERATION
+from runner.control.lease import ENV_LEASE_GENERATION
 from runner.checkpoint.manifest import Manifest, Reason
 from runner.checkpoint.reader import RunReader
 from runner.cost.hook import CostHook, NoCostHook

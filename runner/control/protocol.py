@@ -1,6 +1,7 @@
 """What the supervisor and the training process share: env names and the control protocol.
 
-`checkpoint/` and `supervisor/` never import each other; both import this.
+`checkpoint/` and `supervisor/` never import each other; both import this
+(re-exported by `runner/control/__init__.py`).
 
 The supervisor starts the child with:
     RUNNER_BUCKET, RUNNER_RUN_ID, RUNNER_SAVE_EVERY_STEPS, RUNNER_KEEP_LAST,

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from runner import operations as ops
+from runner import ops
 from runner import terminal
 from runner.checkpoint.manifest import ManifestError
 from runner.checkpoint.reader import CorruptSnapshotError

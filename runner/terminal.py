@@ -31,7 +31,7 @@ from rich.progress import (
 from rich.table import Table
 
 from runner.checkpoint.manifest import Manifest
-from runner.operations import GcReport, PinResult, RunSummary, SnapshotRow, VerifyResult
+from runner.ops import GcReport, PinResult, RunSummary, SnapshotRow, VerifyResult
 
 if TYPE_CHECKING:
     from runner.drill import DrillReport

@@ -1,4 +1,4 @@
-"""The operator commands' logic (runner/operations.py) against real snapshots.
+"""The operator commands' logic (runner/ops/) against real snapshots.
 
 Snapshots are made by a real `Checkpointer` over a tiny torch model, in a
 local folder, `memory://` and the moto S3 server.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from runner import Checkpointer
-from runner import operations as ops
+from runner import ops
 from runner.checkpoint import layout
 from runner.errors import ConfigError, SnapshotNotFoundError
 from runner.storage import Store, StoreNotFoundError

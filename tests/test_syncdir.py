@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from helpers import PYTHON
-from runner import operations as ops
+from runner import ops
 from runner.checkpoint import RunReader, layout
 from runner.checkpoint.manifest import Reason
 from runner.storage import ObjectNotFoundError, Store, clear_caches

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from runner import operations as ops
+from runner import ops
 from runner import terminal
 from runner.checkpoint.reader import CorruptSnapshotError, RunReader
 from runner.drill.compare import compare_final, final_snapshot, newest

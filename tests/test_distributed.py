@@ -198,7 +198,7 @@ def test_a_periodic_save_commits_in_the_background_while_training_goes_on(tmp_pa
                 out, _ = job.communicate()
     assert job.returncode == 0, out
     committed = sorted((m.step, m.reason.value) for m in manifests(s3_bucket_url, "bg"))
-    assert committed == [(4, "periodic"), (8, "final"), (8, "periodic")]
+    assert committed == [(4, "periodic"), (8, "final")]  # the final save superseded step 8's periodic one
 
 
 def launch(ranks: int) -> list[str]:

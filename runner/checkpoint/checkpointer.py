@@ -314,7 +314,7 @@ class Checkpointer:
                 result = self._commit_sharded(step, epoch, metrics, chosen)
             else:
                 result = self._commit(self._capture(step, epoch, metrics, chosen))
-            if same_step is not None:
+            if same_step is not None and (self._group is None or self._group.is_coordinator):
                 self._drop_superseded(same_step)
         if pin and (self._group is None or self._group.is_coordinator):
             self.pin(result.manifest.snapshot_id)

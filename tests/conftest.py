@@ -1,14 +1,24 @@
-"""Shared fixtures: a real S3 endpoint (moto's server on loopback) and clean caches.
+"""Shared fixtures: real S3 endpoints (moto's server, and s3rver, on loopback) and clean caches.
 
 One moto server serves the whole session; every test that uses it gets a
 reset server (POST /moto-api/reset), a fresh bucket, and a cleared s3fs
 instance cache, as s3fs's own test suite does.
+
+s3rver (a Node.js S3 server, npm package `s3rver`, installed into
+tests/s3rver/node_modules by scripts/setup) is a second, independent S3
+implementation: the storage contract (`storage_url`) runs on it too.  It ignores
+`If-None-Match` on PutObject, so it is also the store on which the storage
+layer must refuse exclusive creates.  One server per session, a fresh bucket
+per test.  Without it its tests skip, unless CI=true, where they fail.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import subprocess
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -59,6 +69,63 @@ def s3_bucket_url(s3_env: dict[str, str]) -> str:
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
+    return f"s3://{name}/runs"
+
+
+S3RVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "s3rver", "node_modules", ".bin", "s3rver")
+# s3rver checks signatures against its one built-in key pair.
+S3RVER_ENV = dict(S3_ENV, AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER")
+
+
+@pytest.fixture(scope="session")
+def s3rver_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if not os.access(S3RVER, os.X_OK):
+        reason = "s3rver is not installed (scripts/setup runs npm ci in tests/s3rver)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}, and CI=true requires the second S3 implementation")
+        pytest.skip(f"{reason}; in CI (CI=true) this is a failure")
+    folder = tmp_path_factory.mktemp("s3rver")
+    log_path = folder / "server.log"
+    with open(log_path, "w") as log_file:  # a file, not a pipe: nobody has to drain it
+        proc = subprocess.Popen([S3RVER, "--silent", "-a", "127.0.0.1", "-p", "0", "-d", str(folder / "data")],
+                                stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        end = time.monotonic() + 30
+        while not (found := re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text())):
+            if proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"s3rver did not start: {log_path.read_text()}")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{found.group(1)}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def s3rver_env(s3rver_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment for this process and its subprocesses that talk to s3rver."""
+    env = dict(S3RVER_ENV, AWS_ENDPOINT_URL=s3rver_endpoint)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    clear_caches()
+    return env
+
+
+def s3_client(env: dict[str, str]):
+    """A boto3 client for the endpoint in `env`; the credentials are explicit, as boto3's default session keeps the first it saw."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_REGION"])
+
+
+@pytest.fixture
+def s3rver_bucket_url(s3rver_env: dict[str, str]) -> str:
+    """`s3://<fresh bucket>/runs` on the s3rver server."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_client(s3rver_env).create_bucket(Bucket=name)
     return f"s3://{name}/runs"
 
 

@@ -1,8 +1,11 @@
 """The storage contract: one behaviour suite, every backend.
 
 Written once, as fsspec's own `tests/abstract/` is: each test takes
-`bucket_url` (a local folder, `memory://`, and a bucket on a real moto S3
-server over HTTP) and must pass unchanged on all three.  Backend-specific
+`bucket_url` (a local folder, `memory://`, a bucket on a real moto S3
+server over HTTP, and one on s3rver, an independent S3 implementation) and
+must pass unchanged on all four -- except that s3rver ignores
+`If-None-Match`, so there exclusive creates must be refused, not trusted
+(the tests at `-- stores without conditional writes`).  Backend-specific
 guarantees (atomic publish under a crash, multipart aborts, retries of real
 HTTP 503s) follow, each against the real thing: a SIGKILLed writer process,
 a multipart upload that fails half-way, a loopback proxy that answers 503.
@@ -14,6 +17,7 @@ import random
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,7 @@ import pytest
 from flaky_proxy import FlakyProxy
 from helpers import PYTHON, subprocess_env
 from runner.storage import (
+    ExclusiveCreateUnsupportedError,
     ObjectExistsError,
     ObjectInfo,
     RetryPolicy,
@@ -30,11 +35,30 @@ from runner.storage import (
     StoreNotFoundError,
     StoreUnreachableError,
     TransientStorageError,
+    UnsupportedURLError,
     clear_caches,
 )
 from runner.storage import errors
 
 MiB = 2**20
+
+
+@pytest.fixture(params=["local", "memory", "s3", "s3rver"])
+def bucket_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """conftest's backends, and s3rver: a second S3 implementation."""
+    if request.param == "local":
+        return str(tmp_path / "bucket")
+    if request.param == "memory":
+        from fsspec.implementations.memory import MemoryFileSystem
+
+        MemoryFileSystem.store.clear()
+        MemoryFileSystem.pseudo_dirs[:] = [""]
+        return f"memory://bucket-{uuid.uuid4().hex[:8]}"
+    return request.getfixturevalue(f"{request.param}_bucket_url")
+
+
+def _backend(request: pytest.FixtureRequest) -> str:
+    return request.node.callspec.params["bucket_url"]
 
 
 @pytest.fixture
@@ -60,7 +84,12 @@ def test_write_then_read_round_trips(store: Store) -> None:
     assert store.read_bytes("run/empty") == b""
 
 
-def test_create_bytes_is_exclusive(store: Store) -> None:
+def test_create_bytes_is_exclusive(store: Store, request: pytest.FixtureRequest) -> None:
+    if _backend(request) == "s3rver":  # no conditional writes: refused, and nothing written
+        with pytest.raises(ExclusiveCreateUnsupportedError):
+            store.create_bytes("run/manifests/m.json", b"first")
+        assert not store.exists("run/manifests/m.json")
+        return
     store.create_bytes("run/manifests/m.json", b"first")
     with pytest.raises(ObjectExistsError) as info:
         store.create_bytes("run/manifests/m.json", b"second")
@@ -183,6 +212,69 @@ def test_a_missing_key_in_a_bucket_named_bucket_is_not_a_missing_bucket(s3_env: 
         store.read_bytes("r/missing")
     assert not isinstance(info.value, StoreNotFoundError), info.value
     assert isinstance(info.value, FileNotFoundError)
+
+
+# -- stores without conditional writes --------------------------------------------
+
+
+def _all_keys(s3_env: dict[str, str], url: str) -> list[str]:
+    """Every object in the bucket, as the server lists it (`.tmp-` names included)."""
+    from conftest import s3_client
+
+    bucket = url.split("/")[2]
+    listing = s3_client(s3_env).list_objects_v2(Bucket=bucket)
+    return [o["Key"] for o in listing.get("Contents", [])]
+
+
+def test_a_store_that_ignores_if_none_match_is_refused_at_check(s3rver_bucket_url: str, s3rver_env) -> None:
+    store = Store(s3rver_bucket_url)
+    with pytest.raises(ExclusiveCreateUnsupportedError) as info:
+        store.check("run-1/")
+    text = str(info.value)
+    assert "\n" not in text and "exclusive_creates=unchecked" in text and "If-None-Match" in text, text
+    assert f"{s3rver_bucket_url}/run-1/" in text  # the probe went under the run's prefix
+    assert _all_keys(s3rver_env, s3rver_bucket_url) == []  # and was removed
+
+
+def test_a_store_that_ignores_if_none_match_refuses_the_first_exclusive_create(
+        s3rver_bucket_url: str, s3rver_env) -> None:
+    store = Store(s3rver_bucket_url)
+    store.write_bytes("run-1/data/a", b"plain writes still work")
+    for _ in range(2):  # the refusal sticks: a second create does not slip through
+        with pytest.raises(ExclusiveCreateUnsupportedError):
+            store.create_bytes("run-1/manifests/m.json", b"first")
+    assert _all_keys(s3rver_env, s3rver_bucket_url) == ["runs/run-1/data/a"]
+
+
+def test_exclusive_creates_unchecked_is_an_explicit_choice_that_is_logged(
+        s3rver_bucket_url: str, s3rver_env, caplog: pytest.LogCaptureFixture) -> None:
+    store = Store(s3rver_bucket_url, {"exclusive_creates": "unchecked"})
+    with caplog.at_level("WARNING", logger="runner.storage.store"):
+        store.check("run-1/")
+        store.create_bytes("run-1/manifests/m.json", b"first")
+    assert store.read_bytes("run-1/manifests/m.json") == b"first"
+    assert [r.getMessage() for r in caplog.records if "not checked" in r.getMessage()], caplog.text
+    with pytest.raises(UnsupportedURLError) as info:
+        Store(s3rver_bucket_url, {"exclusive_creates": "sometimes"})
+    assert "check or unchecked" in str(info.value)
+
+
+def test_a_store_with_conditional_writes_passes_the_probe_once_and_keeps_nothing(
+        s3_bucket_url: str, s3_env, flaky) -> None:
+    proxy = flaky(0)
+    store = Store(s3_bucket_url)
+    store.check("run-1/")
+    store.create_bytes("run-1/manifests/a.json", b"a")
+    store.create_bytes("run-1/manifests/b.json", b"b")
+    puts = [line for line in proxy.log if line.startswith("PUT ")]
+    assert len(puts) == 4, proxy.log  # two probe PUTs, once per store, then the two creates
+    assert all("/runs/run-1/" in line for line in puts), puts
+    assert sorted(_all_keys(s3_env, s3_bucket_url)) == ["runs/run-1/manifests/a.json", "runs/run-1/manifests/b.json"]
+
+
+def test_stores_that_cannot_list_multipart_uploads_have_none_to_abort(s3rver_bucket_url: str, s3rver_env) -> None:
+    # s3rver answers ListMultipartUploads with NotImplemented: nothing to sweep, not a failed gc.
+    assert Store(s3rver_bucket_url).abort_stale_uploads("run-1/", 0) == 0
 
 
 # -- nothing short is ever published ------------------------------------------

@@ -1,6 +1,7 @@
 """Storage: the only code that imports fsspec/botocore (see store.py, errors.py)."""
 
 from runner.storage.errors import (
+    ExclusiveCreateUnsupportedError,
     ObjectExistsError,
     ObjectNotFoundError,
     StorageError,
@@ -13,6 +14,7 @@ from runner.storage.errors import (
 from runner.storage.store import ObjectInfo, RetryPolicy, Store, clear_caches, parse_storage_options
 
 __all__ = [
+    "ExclusiveCreateUnsupportedError",
     "ObjectExistsError",
     "ObjectInfo",
     "ObjectNotFoundError",

@@ -52,8 +52,16 @@ class TransientStorageError(StorageError):
     """A throttle, a 5xx or a dropped connection that outlived its retries."""
 
 
+class ExclusiveCreateUnsupportedError(StorageError):
+    """The store does not honour exclusive creates (S3: PutObject with `If-None-Match: *`).
+
+    Some S3-compatible servers ignore the header and overwrite: a second
+    writer's manifest or lease would then replace the first's, unseen.
+    """
+
+
 class UnsupportedURLError(StorageError, ValueError):
-    """The URL names a protocol that no installed fsspec backend serves."""
+    """The URL names a protocol that no installed fsspec backend serves (or a storage option is invalid)."""
 
 
 _TRANSIENT_ERRNOS = {errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.EREMOTEIO, errno.EAGAIN}
@@ -156,6 +164,22 @@ def translate(exc: BaseException, url: str, key: str = "") -> StorageError:
         out = StorageError(f"storage error on {where}: {_first_line(exc)}")
     out.__cause__ = exc
     return out
+
+
+def not_implemented(exc: BaseException) -> bool:
+    """The store answered that it lacks the feature asked for (S3 `NotImplemented`, HTTP 501).
+
+    s3fs turns that reply into an OSError with errno ENOSYS.
+    """
+    for e in _chain(exc):
+        response = _response(e)
+        if response.get("Error", {}).get("Code") == "NotImplemented":
+            return True
+        if response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 501:
+            return True
+        if isinstance(e, OSError) and e.errno == errno.ENOSYS:
+            return True
+    return False
 
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:

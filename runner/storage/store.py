@@ -44,6 +44,21 @@ and it succeeded.  Callers make each body unique to its writer (a manifest
 names its fresh snapshot id, a lease record its holder and time), so another
 writer's create never reads back as ours.
 
+Exclusive creates are checked, not assumed.  Some S3-compatible servers
+ignore `If-None-Match: *` on PutObject and overwrite (s3rver does; older
+releases of others did): a second instance's lease or manifest would then
+replace the first's without anyone noticing.  So before its first exclusive
+create, a remote store creates a probe key twice, beside the key it is about
+to create (under the run's prefix, which is all a run's credentials may
+write), and deletes it: the second create must be refused.  If it is not,
+the create raises `ExclusiveCreateUnsupportedError` with what to do.  One
+probe per `Store` (two PUTs and a DELETE), before the first create; or at
+`check(prefix)`.  The storage option `exclusive_creates=unchecked` skips
+the probe and says so in the log: for an operator who knows that only one
+instance of a run ever writes at a time, on such a store.  The probe key is
+a `.tmp-` name, so a process killed between its PUT and its DELETE leaves
+an object that no listing shows.
+
 Large data goes through a spool file (`spool_path` + `write_file`) rather
 than through bytes in memory: a writer streams into a file, which releases
 the GIL where building a large `bytes` does not, and a local store publishes
@@ -70,11 +85,13 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from runner.storage.errors import (
+    ExclusiveCreateUnsupportedError,
     ObjectExistsError,
     StorageError,
     StoreNotFoundError,
     UnsupportedURLError,
     is_transient,
+    not_implemented,
     retryable_reply,
     retryable_request_error,
     translate,
@@ -242,6 +259,13 @@ class Store:
         self.url = url.rstrip("/") or url
         self.retry = retry or RetryPolicy()
         options = dict(storage_options or {})
+        # Ours, not fsspec's: whether exclusive creates are probed (see the module note).
+        exclusive = str(options.pop("exclusive_creates", "check"))
+        if exclusive not in ("check", "unchecked"):
+            raise UnsupportedURLError(f"storage option exclusive_creates must be check or unchecked, not {exclusive!r}")
+        self._exclusive_unchecked = exclusive == "unchecked"
+        self._exclusive_known = False
+        self._probe_lock = threading.Lock()
         protocol = fsspec.utils.get_protocol(url)
         if protocol in ("s3", "s3a"):
             options = _s3_defaults(options, self.retry)
@@ -283,11 +307,14 @@ class Store:
 
     # -- operations --------------------------------------------------------
 
-    def check(self) -> None:
+    def check(self, prefix: str = "") -> None:
         """Fail fast with a clear error when the bucket cannot be used.
 
         A missing local folder is created (a local "bucket" is just a folder);
         a missing S3 bucket is an error (creating buckets is the operator's call).
+        With a `prefix` (a run's, `RUN_ID/`), a remote store also proves now,
+        under it, that it honours exclusive creates (ExclusiveCreateUnsupportedError
+        otherwise), rather than at the first create.
         """
         if self.is_local:
             self._call(self.fs.makedirs, self.root, exist_ok=True)
@@ -299,6 +326,8 @@ class Store:
             if isinstance(exc.__cause__, FileNotFoundError):
                 raise StoreNotFoundError(f"bucket {bucket!r} of {self.url} does not exist: create it or fix --bucket") from None
             raise
+        if prefix:
+            self._ensure_exclusive(prefix.rstrip("/"))
 
     def read_bytes(self, key: str) -> bytes:
         """The whole object; large objects are fetched as parallel ranged GETs."""
@@ -395,12 +424,55 @@ class Store:
             if self.is_local:
                 self._call(self._local_write, path, data, exclusive=True, key=key)
             else:
+                self._ensure_exclusive(os.path.dirname(key.strip("/")))
                 self._call(self.fs.pipe_file, path, data, mode="create", key=key)
         except ObjectExistsError:
             if self._holds(key, data):
                 log.info("the reply to creating %s was lost, but the object is ours: created", key)
                 return
             raise
+
+    def _ensure_exclusive(self, folder: str) -> None:
+        """Once per store, before its first remote exclusive create: prove the store refuses a second one."""
+        if self.is_local or self._exclusive_known:
+            return
+        with self._probe_lock:  # the writer and the lease threads may both create first
+            if self._exclusive_known:
+                return
+            if self._exclusive_unchecked:
+                log.warning("exclusive creates on %s are not checked (exclusive_creates=unchecked): safe only while "
+                            "a single instance of each run writes to it", self.url)
+            else:
+                self._probe_exclusive(folder)
+            self._exclusive_known = True
+
+    def _probe_exclusive(self, folder: str) -> None:
+        key = f"{folder}/{_TMP_PREFIX}create-probe-{uuid.uuid4().hex}" if folder else \
+            f"{_TMP_PREFIX}create-probe-{uuid.uuid4().hex}"
+        path = self.path(key)
+        unsupported = ExclusiveCreateUnsupportedError(
+            f"{self.url} does not honour exclusive creates (a second PUT with If-None-Match: * of "
+            f"{self.url}/{folder + '/' if folder else ''}{_TMP_PREFIX}create-probe-* was not refused), so two instances of a run could both "
+            "hold its lease and commit snapshots: use a store with conditional writes (AWS S3 has them), or, if no "
+            "second instance of a run can ever start while one runs, pass --storage-option exclusive_creates=unchecked")
+        try:
+            self._call(self.fs.pipe_file, path, b"probe 1", mode="create", key=key)
+            self._call(self.fs.pipe_file, path, b"probe 2", mode="create", key=key)
+        except ObjectExistsError:
+            # Refused: the store checks the condition.  (A first create whose reply was lost and
+            # whose retry was refused ends here too, and proves the same.)
+            log.debug("%s refuses a second exclusive create: conditional writes work", self.url)
+            return
+        except StorageError as exc:
+            if not_implemented(exc):  # a store that rejects the header outright
+                raise unsupported from None
+            raise
+        finally:
+            try:
+                self.delete([key])
+            except StorageError as exc:  # a leftover .tmp- name is invisible to every listing
+                log.debug("could not remove the probe %s: %s", key, exc)
+        raise unsupported
 
     def _holds(self, key: str, data: bytes) -> bool:
         """True when `key` exists with exactly `data` (read back after a refused create)."""
@@ -525,7 +597,14 @@ class Store:
             return 0
         bucket, _, root_key = self.path(prefix).partition("/")
         cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than_s)
-        listing = self._call(call, "list_multipart_uploads", Bucket=bucket, Prefix=root_key, key=prefix)
+        try:
+            listing = self._call(call, "list_multipart_uploads", Bucket=bucket, Prefix=root_key, key=prefix)
+        except StorageError as exc:
+            if not not_implemented(exc):
+                raise
+            # Some S3-compatible servers (s3rver) cannot list uploads; there is nothing to sweep then.
+            log.info("%s cannot list multipart uploads (%s): none aborted", self.url, exc)
+            return 0
         aborted = 0
         for upload in listing.get("Uploads", []):
             if upload["Initiated"] <= cutoff:

@@ -270,7 +270,7 @@ def test_imds_sim_is_delegated_and_its_absence_is_one_line(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         main(["imds-sim", "--help"])
     assert exit_.value.code == 0 and "imds-sim" in capsys.readouterr().out
-    monkeypatch.setitem(sys.modules, "runner.notices.imds_sim", None)
+    monkeypatch.setitem(sys.modules, "runner.sim.imds", None)
     code, _, err = run(capsys, "imds-sim", "--port", "0")
     assert code == 1 and err.startswith("runner: error: the IMDS simulator is not available") and err.count("\n") == 1
 

@@ -23,7 +23,7 @@ import pytest
 
 from helpers import PYTHON, ROOT, subprocess_env
 from runner import health
-from runner.notices.imds_sim import ImdsSimulator
+from runner.sim.imds import ImdsSimulator
 from runner.supervisor import scale_down
 
 DOCKERFILE = Path(ROOT, "Dockerfile")

@@ -19,8 +19,8 @@ import torch
 
 from helpers import PYTHON, subprocess_env
 from runner import cli
-from runner.drill.compare import first_difference
-from runner.drill.run import _nth_save
+from runner.sim.drill.compare import first_difference
+from runner.sim.drill.run import _nth_save
 from runner.checkpoint import layout
 from runner.checkpoint.reader import RunReader
 from runner.storage import Store

@@ -22,7 +22,7 @@ from runner import cli
 from runner.checkpoint import RunReader
 from runner.checkpoint.manifest import Reason
 from runner.cost.ledger import read_events
-from runner.notices.imds_sim import ImdsSimulator
+from runner.sim.imds import ImdsSimulator
 from runner.storage import Store, clear_caches
 from supervisor_harness import RUN, start, supervisors  # noqa: F401  (supervisors: a fixture)
 

@@ -88,7 +88,7 @@ def reference(tmp_path_factory) -> dict:
 
 def test_spot_notice_mid_run_exit_75_fresh_machine_resumes_bitwise(tmp_path, s3_bucket_url, reference):
     from runner.cost.ledger import read_events
-    from runner.notices.imds_sim import ImdsSimulator
+    from runner.sim.imds import ImdsSimulator
 
     flags = ["--bucket", s3_bucket_url, "--run-id", RUN, "--keep-last", "10", "--notice-source", "ec2",
              "--poll-interval", "0.5", "--offline-prices", "--grace-seconds", "30"]

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from runner.notices import Ec2Source, GcpSource, NullSource, create_source, detect
-from runner.notices.imds_sim import ImdsSimulator
+from runner.sim.imds import ImdsSimulator
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from runner.notices import Deduper, Ec2Source, InstanceFacts, NoticeKind
-from runner.notices.imds_sim import NOTICE_LEAD_S, ImdsSimulator
+from runner.sim.imds import NOTICE_LEAD_S, ImdsSimulator
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 
 from runner.notices import Ec2Source, NoticeKind
 from runner.notices.base import format_utc_timestamp
-from runner.notices.imds_sim import ImdsSimulator, main
+from runner.sim.imds import ImdsSimulator, main
 
 TTL = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN = "X-aws-ec2-metadata-token"

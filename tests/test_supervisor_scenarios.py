@@ -96,7 +96,7 @@ def test_crash_loop_stops_early_and_names_the_step(tmp_path, supervisors):
 
 
 def test_ec2_spot_notice_through_the_simulator(tmp_path, supervisors):
-    from runner.notices.imds_sim import ImdsSimulator
+    from runner.sim.imds import ImdsSimulator
 
     bucket = str(tmp_path / "bucket")
     with ImdsSimulator() as sim:
@@ -115,7 +115,7 @@ def test_ec2_spot_notice_through_the_simulator(tmp_path, supervisors):
 
 
 def test_rebalance_saves_proactively_and_training_goes_on(tmp_path, supervisors):
-    from runner.notices.imds_sim import ImdsSimulator
+    from runner.sim.imds import ImdsSimulator
 
     bucket = str(tmp_path / "bucket")
     with ImdsSimulator() as sim:

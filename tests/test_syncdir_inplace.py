@@ -60,7 +60,7 @@ def _ls_json(bucket: str, env: dict[str, str]) -> list[dict]:
 
 def test_nanogpt_style_ckpt_spot_notice_then_resume_in_an_empty_folder_matches_the_uninterrupted_run(
         tmp_path, supervisors, s3_bucket_url, s3_env):
-    from runner.notices.imds_sim import ImdsSimulator
+    from runner.sim.imds import ImdsSimulator
 
     reference = subprocess.run([PYTHON, SCRIPT, "--out_dir", str(tmp_path / "ref"), "--max_iters", str(ITERS),
                                 "--save_interval", str(SAVE), "--sleep", "0"],

@@ -3,8 +3,8 @@
 One `Notice` type and one `NoticeSource` interface (base.py); one module per
 source: termination signals (signals.py), EC2 IMDSv2 (ec2.py), Alibaba ECS
 (alibaba.py), GCP (gcp.py); sources by name and cloud detection
-(registry.py); a local IMDSv2 simulator for tests and drills (imds_sim.py,
-not imported here: it is a tool, not part of the runtime path).
+(registry.py).  The local IMDSv2 simulator for tests, drills and the demo
+is runner/sim/imds.py: a tool, not part of the runtime path.
 """
 
 from runner.notices.alibaba import AlibabaSource

@@ -3,7 +3,7 @@
 Owns the order of things and the accounting: which step each interruption
 hit, what the instance committed on its way out, the step the next instance
 resumed from, the steps redone and the time to resume.  Instances are in
-instance.py, the comparison in compare.py, the report's shape in report.py.
+runner/sim/instance.py, the comparison in compare.py, the report's shape in report.py.
 
 Why interruptions are planned this way: K instants are drawn with
 random.Random(seed), uniformly over the reference run's training time (from
@@ -38,14 +38,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from runner.checkpoint import layout
 from runner.checkpoint.manifest import Reason
 from runner.checkpoint.reader import CorruptSnapshotError, RunReader
-from runner.drill.compare import compare_final, final_snapshot, newest
-from runner.drill.instance import Instance, Watched, instance_env, local_bucket, supervisor_argv, watch
-from runner.drill.report import DrillReport, Interruption, RunResult
+from runner.sim.drill.compare import compare_final, final_snapshot, newest
+from runner.sim.instance import Instance, Watched, instance_env, local_bucket, supervisor_argv, watch
+from runner.sim.drill.report import DrillReport, Interruption, RunResult
 from runner.errors import ConfigError
 from runner.storage import Store
 from runner.supervisor.config import StartConfig
 
-log = logging.getLogger("runner.drill")
+log = logging.getLogger("runner.sim.drill")
 
 Kind = Literal["notice", "sigterm", "kill-upload"]
 KINDS: tuple[Kind, ...] = ("notice", "sigterm", "kill-upload")
@@ -298,13 +298,13 @@ class _Drill:
 
     def _instance(self, reader: RunReader, name: str, resume_step: int = 0, kind: str | None = None,
                   fire_at: int | None = None, fault: str | None = None, timeout: bool = False) -> Watched:
-        from runner.notices.imds_sim import ImdsSimulator
+        from runner.sim.imds import ImdsSimulator
 
         if reader is self.reader:
             self._count += 1
         command = list(self.cfg.command)
         if fault is not None:
-            command = [sys.executable, "-m", "runner.drill.vanish", fault, "--", *command]
+            command = [sys.executable, "-m", "runner.sim.drill.vanish", fault, "--", *command]
         limit = None
         if timeout:
             # After a kill-upload the next instance first waits out the vanished one's lease.

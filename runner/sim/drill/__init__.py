@@ -8,21 +8,21 @@ with an empty disk, the same bucket and run id), then compares the two runs'
 final snapshots file by file.  The interruptions:
 
 - ``notice``: an EC2 spot interruption notice from a local metadata
-  simulator (runner.notices.imds_sim) that each instance's supervisor polls;
+  simulator (runner.sim.imds) that each instance's supervisor polls;
   it must commit an emergency snapshot and exit 75;
 - ``sigterm``: a bare SIGTERM to the supervisor (what `docker stop` or an
   orchestrator sends); the same, within --grace-seconds;
 - ``kill-upload``: the whole instance is SIGKILLed half-way through writing
   a snapshot's data files (vanish.py); nothing gets to clean up.
 
-Modules: run.py (the drill and its plan), instance.py (one instance, also
-used by `runner demo`), compare.py (final snapshots, bitwise), report.py
-(the result), vanish.py (the kill-upload wrapper).  Rendering is in
-runner/terminal.py.  Nothing here imports torch until two files differ.
+Modules: run.py (the drill and its plan), compare.py (final snapshots,
+bitwise), report.py (the result), vanish.py (the kill-upload wrapper); one
+instance is runner/sim/instance.py (also used by `runner demo`).  Rendering
+is in runner/cli/terminal.py.  Nothing here imports torch until two files differ.
 """
 
-from runner.drill.report import ComponentResult, DrillReport, Interruption, RunResult
-from runner.drill.run import KINDS, DrillConfig, parse_kinds, run_drill
+from runner.sim.drill.report import ComponentResult, DrillReport, Interruption, RunResult
+from runner.sim.drill.run import KINDS, DrillConfig, parse_kinds, run_drill
 
 __all__ = ["KINDS", "ComponentResult", "DrillConfig", "DrillReport", "Interruption", "RunResult", "parse_kinds",
            "run_drill"]

@@ -1,37 +1,21 @@
-"""The `runner` command line: parse -> config -> wire up; no logic (DESIGN.md 3.1).
+"""The `runner` argument parser: every command's flags and their `RUNNER_<FLAG>` environment defaults.
 
-Owns the argument parser, the `RUNNER_<FLAG>` environment defaults, and the
-one place that turns exceptions into exit codes and one-line messages.  What
-the commands do lives in `operations.py`; how results look in `terminal.py`;
-`start` hands a `StartConfig` to the supervisor, `imds-sim` its argv to the
-simulator, `rendezvous` its argv to runner/rendezvous.py (all imported only
-when used).
+Owns what the command line accepts (DESIGN.md 3.1) and its help text; each
+subcommand's handler is a function of commands.py, set as its default.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import logging
 import os
 import re
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-from pydantic import ValidationError
-
-from runner import ops
-from runner import terminal
-from runner.checkpoint.manifest import ManifestError
-from runner.checkpoint.reader import CorruptSnapshotError
 from runner.checkpoint.retention import DEFAULT_ORPHAN_AGE_S
 from runner.checkpoint.settings import CheckpointSettings
-from runner.errors import ConfigError, SnapshotNotFoundError, StateMismatchError, UnsafeDataError
-from runner.storage import StorageError, UnsupportedURLError, parse_storage_options
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-EXIT_INTERRUPTED = 130
+from runner.cli import commands
+from runner.errors import ConfigError
 
 EXIT_CODES = """\
 exit codes:
@@ -49,15 +33,6 @@ exit codes:
 Every flag also reads its default from RUNNER_<FLAG> (RUNNER_BUCKET,
 RUNNER_RUN_ID, RUNNER_KEEP_LAST, ...); RUNNER_STORAGE_OPTION holds KEY=VALUE
 pairs separated by spaces or commas, and --storage-option adds to them."""
-
-# Exceptions a user can cause, by exit code; anything else is a bug and keeps its traceback.
-USAGE_ERRORS = (ConfigError, UnsupportedURLError, ValidationError)
-FAILURES = (StorageError, SnapshotNotFoundError, ops.RefusedError, ManifestError, CorruptSnapshotError,
-            StateMismatchError, UnsafeDataError)
-
-
-class _Unavailable(RuntimeError):
-    """A part of runner that this installation lacks."""
 
 
 # -- environment defaults -----------------------------------------------------
@@ -87,13 +62,6 @@ def _from_env(name: str, raw: str, action: str | None) -> Any:
     if action == "append":
         return [p for p in re.split(r"[\s,]+", raw) if p]
     return raw  # argparse converts string defaults with the flag's type
-
-
-def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        return parse_storage_options(args.storage_option or [])
-    except ValueError as exc:
-        raise ConfigError(f"bad --storage-option: {exc} (e.g. --storage-option endpoint_url=http://host:9000)") from None
 
 
 # -- the parser -----------------------------------------------------------------
@@ -146,20 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_ls(sub: Any) -> None:
     p = _command(sub, "ls", "List the runs in a bucket, or the snapshots of one run.",
-                 "runner ls --bucket s3://my-bucket/runs --run-id exp1", _ls, [_common()])
+                 "runner ls --bucket s3://my-bucket/runs --run-id exp1", commands.ls, [_common()])
     add_flag(p, "--run-id", metavar="ID", help="list this run's snapshots (default: list the runs)")
 
 
 def _add_verify(sub: Any) -> None:
     p = _command(sub, "verify", "Read every byte of a run's snapshots and check their SHA-256.",
-                 "runner verify --bucket s3://my-bucket/runs --run-id exp1 --snapshot latest", _verify, [_common()])
+                 "runner verify --bucket s3://my-bucket/runs --run-id exp1 --snapshot latest", commands.verify, [_common()])
     add_flag(p, "--run-id", default="default", metavar="ID", help="the run (default: %(default)s)")
     add_flag(p, "--snapshot", metavar="ID", help="a snapshot id or 'latest' (default: every snapshot)")
 
 
 def _add_gc(sub: Any) -> None:
     p = _command(sub, "gc", "Delete old snapshots, orphaned data and stale uploads; keeps the newest valid and pinned.",
-                 "runner gc --bucket s3://my-bucket/runs --run-id exp1 --keep-last 3 --dry-run", _gc, [_common()])
+                 "runner gc --bucket s3://my-bucket/runs --run-id exp1 --keep-last 3 --dry-run", commands.gc, [_common()])
     add_flag(p, "--run-id", default="default", metavar="ID", help="the run (default: %(default)s)")
     add_flag(p, "--keep-last", type=int, default=CheckpointSettings.model_fields["keep_last"].default, metavar="K",
              help="valid snapshots to keep (default: %(default)s)")
@@ -170,7 +138,7 @@ def _add_gc(sub: Any) -> None:
 
 def _add_pin(sub: Any) -> None:
     p = _command(sub, "pin", "Keep a snapshot out of rotation (or let it rotate again with --unpin).",
-                 "runner pin --bucket s3://my-bucket/runs --run-id exp1 latest", _pin, [_common()])
+                 "runner pin --bucket s3://my-bucket/runs --run-id exp1 latest", commands.pin, [_common()])
     add_flag(p, "--run-id", default="default", metavar="ID", help="the run (default: %(default)s)")
     add_flag(p, "--unpin", action="store_true", help="remove the pin instead")
     p.add_argument("snapshot", metavar="SNAPSHOT", help="a snapshot id or 'latest'")
@@ -178,7 +146,7 @@ def _add_pin(sub: Any) -> None:
 
 def _add_fork(sub: Any) -> None:
     p = _command(sub, "fork", "Copy a verified snapshot into a new run, which resumes from it.",
-                 "runner fork --bucket s3://my-bucket/runs --from exp1@latest --to exp1-lowlr", _fork, [_common()])
+                 "runner fork --bucket s3://my-bucket/runs --from exp1@latest --to exp1-lowlr", commands.fork, [_common()])
     add_flag(p, "--from", dest="source", required=True, metavar="RUN[@SNAPSHOT]",
              help="the run, and optionally the snapshot id or 'latest' (default: newest valid)")
     add_flag(p, "--to", dest="to", required=True, metavar="NEW_RUN", help="a run id with no snapshots yet")
@@ -192,7 +160,7 @@ def _add_start(sub: Any) -> None:
 
     p = _command(sub, "start", "Run a training command under the supervisor: resume, emergency saves, restarts.",
                  "runner start --bucket s3://my-bucket/runs --run-id exp1 -- python train.py --lr 3e-4",
-                 _start, [_common(json_flag=False)])
+                 commands.start, [_common(json_flag=False)])
     add_flag(p, "--run-id", metavar="ID", help=default("run_id"))
     add_flag(p, "--save-every-steps", type=int, metavar="N", help=f"periodic save interval {default('save_every_steps')}")
     add_flag(p, "--keep-last", type=int, metavar="K", help=f"valid snapshots to keep {default('keep_last')}")
@@ -244,7 +212,7 @@ def _add_report(sub: Any) -> None:
     p = _command(sub, "report", "What a run cost: segments per instance, savings against on-demand, lost work, "
                  "checkpoint stall, goodput, cost per 1,000 steps.",
                  "runner report --bucket s3://my-bucket/runs --run-id exp1 --format html --output exp1.html",
-                 _report, [_common(json_flag=False)])
+                 commands.report, [_common(json_flag=False)])
     add_flag(p, "--run-id", metavar="ID", help="the run (default: every run under the bucket)")
     add_flag(p, "--format", default="table", choices=("table", "json", "csv", "html"),
              help="output format (default: %(default)s)")
@@ -262,7 +230,7 @@ def _add_drill(sub: Any) -> None:
     p = _command(sub, "drill", "Check that a training command resumes exactly: run it straight, then with K "
                  "interruptions (spot notices, SIGTERMs, kills in mid-upload), and compare the final states bitwise.",
                  "runner drill --bucket s3://my-bucket/drills --interruptions 3 -- python train.py --steps 200",
-                 _drill, [_common()])
+                 commands.drill, [_common()])
     p.epilog = p.epilog.replace("  0  success", "  0  the final states are identical (drill: exit 0 only then)", 1)
     add_flag(p, "--interruptions", type=int, default=3, metavar="K", help="interruptions of the second run (default: %(default)s)")
     add_flag(p, "--seed", type=int, metavar="S", help="seed of the interruption plan (default: random; it is printed)")
@@ -286,7 +254,7 @@ def _add_demo(sub: Any) -> None:
                     "the run's summary, checked against an uninterrupted run.",
         epilog="example:\n  runner demo --steps 300\n\nexit codes: 0 the demo went as shown, 1 it did not, 2 bad usage",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.set_defaults(handler=_demo, json=False)
+    p.set_defaults(handler=commands.demo, json=False)
     # Not RUNNER_BUCKET: a shell set up for real training must not get demo runs in its real bucket.
     p.add_argument("--bucket", default="runner-bucket", metavar="DIR",
                    help="where the demo's runs go: a local folder or any bucket URL (default: ./%(default)s)")
@@ -295,201 +263,3 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--step-sleep", type=float, default=0.0, metavar="S", help="extra seconds per step (default: 0)")
     p.add_argument("--no-reference", action="store_true", help="skip the uninterrupted run and the comparison")
     p.add_argument("--quiet", "-q", action="store_true", help=argparse.SUPPRESS)
-
-
-# -- handlers: build the config, call operations, render ------------------------------
-
-
-def _progress(args: argparse.Namespace) -> terminal.ByteProgress:
-    return terminal.ByteProgress(enabled=not args.json)
-
-
-def _ls(args: argparse.Namespace) -> int:
-    store = ops.open_store(args.bucket, _storage_options(args))
-    if args.run_id is None:
-        terminal.runs(store.url, ops.list_runs(store), args.json)
-    else:
-        terminal.snapshots(args.run_id, ops.snapshot_rows(ops.open_run(store, args.run_id)), args.json)
-    return EXIT_OK
-
-
-def _verify(args: argparse.Namespace) -> int:
-    reader = ops.open_run(ops.open_store(args.bucket, _storage_options(args)), args.run_id)
-    selected = ops.select_snapshots(reader, args.snapshot)
-    with _progress(args) as progress:
-        results = ops.verify(reader, selected, progress)
-    terminal.verified(reader.run_id, results, args.json)
-    bad = [r for r in results if not r.valid]
-    if bad:
-        terminal.error(f"{len(bad)} of {len(results)} snapshot(s) of run {reader.run_id} are corrupt; "
-                       f"first: {bad[0].snapshot_id}: {'; '.join(bad[0].problems)}")
-        return EXIT_FAILED
-    return EXIT_OK
-
-
-def _gc(args: argparse.Namespace) -> int:
-    reader = ops.open_run(ops.open_store(args.bucket, _storage_options(args)), args.run_id)
-    with _progress(args) as progress:
-        report = ops.gc(reader, args.keep_last, args.orphan_age, args.dry_run, progress)
-    terminal.gc_report(report, args.json)
-    return EXIT_OK
-
-
-def _pin(args: argparse.Namespace) -> int:
-    reader = ops.open_run(ops.open_store(args.bucket, _storage_options(args)), args.run_id)
-    result = ops.unpin(reader, args.snapshot) if args.unpin else ops.pin(reader, args.snapshot)
-    terminal.pin_result(result, args.json)
-    return EXIT_OK
-
-
-def _fork(args: argparse.Namespace) -> int:
-    source_run, source_snapshot = ops.parse_source(args.source)
-    ops.check_run_id(args.to)
-    store = ops.open_store(args.bucket, _storage_options(args))
-    with _progress(args) as progress:
-        manifest = ops.fork(store, source_run, source_snapshot, args.to, progress)
-    terminal.forked(manifest, args.json)
-    return EXIT_OK
-
-
-def _start(args: argparse.Namespace) -> int:
-    from runner.supervisor.config import StartConfig
-
-    if not args.train_command:
-        raise ConfigError("no training command: put it after --, e.g. runner start --bucket s3://b/runs -- python train.py")
-    values = {name: getattr(args, name) for name in (
-        "run_id", "save_every_steps", "keep_last", "notice_source", "grace_seconds", "max_restarts",
-        "sync_dir", "imds_endpoint", "poll_interval_s", "lease_ttl_s", "restart_backoff_s", "crash_loop_limit",
-        "sync_signal", "sync_settle_s", "sync_step_from", "scale_down_group",
-        "price_per_hour", "price_label", "on_demand_price_per_hour", "heartbeat_s", "nproc_per_node", "nnodes", "rdzv_endpoint")}
-    if args.offline_prices:
-        values["price_lookup"] = False
-    config = StartConfig(bucket=args.bucket, command=list(args.train_command), storage_options=_storage_options(args),
-                         **{k: v for k, v in values.items() if v is not None})
-    supervise = _load("runner.supervisor.run", "supervise", "the supervisor")
-    return int(supervise(config))
-
-
-def _report(args: argparse.Namespace) -> int:
-    from runner.cost import collect, render
-
-    if args.run_id is not None:
-        ops.check_run_id(args.run_id)
-    for flag, value in (("--price-per-hour", args.price_per_hour),
-                        ("--on-demand-price-per-hour", args.on_demand_price_per_hour)):
-        if value is not None and not value >= 0:
-            raise ConfigError(f"{flag} must be a price in USD per hour (0 or more), not {value}")
-    store = ops.open_store(args.bucket, _storage_options(args))
-    reports = collect.report_runs(store, args.run_id, lookup=not args.offline, price_override=args.price_per_hour,
-                                  on_demand_override=args.on_demand_price_per_hour)
-    if args.format == "table" and not args.output:
-        render.table(reports, terminal.stdout())
-        return EXIT_OK
-    if args.format == "table":
-        text = terminal.render_text(lambda console: render.table(reports, console))
-    elif args.format == "json":
-        text = render.to_json(reports, single=args.run_id is not None)
-    elif args.format == "csv":
-        text = render.to_csv(reports)
-    else:
-        text = render.to_html(reports)
-    if args.output:
-        try:
-            with open(args.output, "w", encoding="utf-8") as f:
-                f.write(text)
-        except OSError as exc:
-            raise ConfigError(f"cannot write --output {args.output}: {exc.strerror or exc}") from None
-        logging.getLogger("runner").info("wrote %s report to %s", args.format, args.output)
-    else:
-        sys.stdout.write(text)
-    return EXIT_OK
-
-
-def _drill(args: argparse.Namespace) -> int:
-    from runner import drill
-
-    if not args.train_command:
-        raise ConfigError("no training command: put it after --, e.g. runner drill --bucket s3://b/drills -- python train.py")
-    config = drill.DrillConfig(
-        bucket=args.bucket, command=list(args.train_command), interruptions=args.interruptions, seed=args.seed,
-        kinds=drill.parse_kinds(args.kinds), run_prefix=args.run_prefix, storage_options=_storage_options(args),
-        save_every_steps=args.save_every_steps, ignore=tuple(args.ignore or ()))
-    report = drill.run_drill(config)
-    terminal.drill_report(report, args.json)
-    if report.identical:
-        return EXIT_OK
-    differ = ", ".join(c.component for c in report.components if not c.identical)
-    what = report.problems[0] if report.problems else f"the final states differ ({differ})"
-    terminal.error(f"{what}; the instances' output is kept in {report.logs}" if report.logs else what)
-    return EXIT_FAILED
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from runner.examples import demo
-
-    return demo.run(demo.DemoConfig(bucket=args.bucket, steps=args.steps, save_every_steps=args.save_every_steps,
-                                    step_sleep=args.step_sleep, reference=not args.no_reference))
-
-
-def _imds_sim(argv: list[str]) -> int:
-    return int(_load("runner.notices.imds_sim", "main", "the IMDS simulator")(argv))
-
-
-def _load(module: str, name: str, what: str) -> Any:
-    """`module.name`, imported only now; raises _Unavailable when this installation lacks it."""
-    try:
-        loaded = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        loaded = None
-    found = getattr(loaded, name, None)
-    if found is None:
-        raise _Unavailable(f"{what} is not available in this installation ({module}.{name} is missing); reinstall runner")
-    return found
-
-
-# -- the entry point -------------------------------------------------------------
-
-
-# Fields whose flag is not `--<field>` (a trailing `_s`, seconds, is dropped by rule).
-_FLAG_OF = {"": "settings", "command": "COMMAND", "storage_options": "--storage-option"}
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else ""
-        flag = _FLAG_OF.get(field, f"--{field.removesuffix('_s').replace('_', '-')}")
-        return f"invalid {flag}: {first['msg']}"
-    return str(exc) or type(exc).__name__
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit code (see EXIT_CODES)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv[:1] == ["imds-sim"]:
-            return _imds_sim(argv[1:])
-        if argv[:1] == ["rendezvous"]:
-            return int(_load("runner.rendezvous", "main", "the rendezvous store")(argv[1:]))
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit as exit_:  # argparse: --help (0) or a usage error (2), already printed
-            return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
-        quiet = args.quiet or getattr(args, "json", False)
-        with terminal.logging_to_stderr(logging.WARNING if quiet else logging.INFO):
-            return args.handler(args)
-    except USAGE_ERRORS as exc:
-        terminal.error(_describe(exc))
-        return EXIT_USAGE
-    except (*FAILURES, _Unavailable) as exc:
-        terminal.error(_describe(exc))
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        terminal.error("interrupted")
-        return EXIT_INTERRUPTED
-
-
-if __name__ == "__main__":
-    sys.exit(main())

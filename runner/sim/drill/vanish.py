@@ -1,4 +1,4 @@
-"""`python -m runner.drill.vanish PHASE[:N] -- COMMAND`: the whole instance dies in the middle of an upload.
+"""`python -m runner.sim.drill.vanish PHASE[:N] -- COMMAND`: the whole instance dies in the middle of an upload.
 
 Owns the ``kill-upload`` interruption's mechanics.  It sits between the
 supervisor and the training command and runs the command with the writer's
@@ -32,7 +32,7 @@ FAULT_ENV = "RUNNER_FAULT_KILL_AT"  # runner.checkpoint.writer.FAULT_ENV (not im
 def main(argv: list[str]) -> int:
     """Run the command with the fault point; returns its exit code (unless the instance vanished)."""
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m runner.drill.vanish PHASE[:N] -- COMMAND...", file=sys.stderr)
+        print("usage: python -m runner.sim.drill.vanish PHASE[:N] -- COMMAND...", file=sys.stderr)
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: None)  # a handler, not SIG_IGN: the command must not inherit it

@@ -1,6 +1,6 @@
 """What `runner drill` found: its report, as plain dataclasses with stable JSON field names.
 
-Owns the report's shape only; run.py fills it, terminal.py renders it.
+Owns the report's shape only; run.py fills it, runner/cli/terminal.py renders it.
 """
 
 from __future__ import annotations

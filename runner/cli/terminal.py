@@ -34,7 +34,7 @@ from runner.checkpoint.manifest import Manifest
 from runner.ops import GcReport, PinResult, RunSummary, SnapshotRow, VerifyResult
 
 if TYPE_CHECKING:
-    from runner.drill import DrillReport
+    from runner.sim.drill import DrillReport
 
 PREFIX = "runner"
 

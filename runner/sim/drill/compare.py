@@ -19,7 +19,7 @@ from typing import Any
 
 from runner.checkpoint.manifest import FileEntry, Manifest
 from runner.checkpoint.reader import CorruptSnapshotError, RunReader
-from runner.drill.report import ComponentResult
+from runner.sim.drill.report import ComponentResult
 
 _RNG_COMPONENT = "_rng"  # runner.checkpoint.state.RNG_COMPONENT (not imported: it needs torch)
 

@@ -28,7 +28,7 @@ Control endpoints (POST; query parameters as shown)::
     /_sim/token?mode=ok|hang|refuse
     GET /_sim/stats                counters, as JSON
 
-Run it with ``python -m runner.notices.imds_sim --notice-after 30`` (the CLI
+Run it with ``python -m runner.sim.imds --notice-after 30`` (the CLI
 wires the same `main()` as ``runner imds-sim``) and point a source at it with
 ``AWS_EC2_METADATA_SERVICE_ENDPOINT=<the printed URL>``.
 """

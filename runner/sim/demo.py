@@ -1,7 +1,7 @@
 """`runner demo`: the example voice model through a spot interruption, on a simulated EC2 instance.
 
 Owns the demo's story and its narration; the machinery is the drill's
-(runner.drill.instance: an "instance" is an empty scratch directory with one
+(runner.sim.instance: an "instance" is an empty scratch directory with one
 `runner start` in it, watched through the child's progress reports).
 
 1. Instance 1 runs `runner start ... -- python -m runner.examples.voice`,
@@ -32,15 +32,16 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import IO
 
 from runner import ops
-from runner import terminal
+from runner.checkpoint.manifest import Manifest
 from runner.checkpoint.reader import CorruptSnapshotError, RunReader
-from runner.drill.compare import compare_final, final_snapshot, newest
-from runner.drill.instance import Instance, Watched, instance_env, local_bucket, supervisor_argv, watch
 from runner.errors import ConfigError
-from runner.notices.imds_sim import ImdsSimulator
+from runner.sim.drill.compare import compare_final, final_snapshot, newest
+from runner.sim.imds import ImdsSimulator
+from runner.sim.instance import Instance, Watched, instance_env, local_bucket, supervisor_argv, watch
 from runner.storage import Store
 
 NOTICE_AT = 0.4  # of the steps
@@ -72,9 +73,14 @@ class _Failed(Exception):
     """A stage did not go as the demo expects; the message says what happened."""
 
 
-def run(cfg: DemoConfig) -> int:
-    """Run the demo; 0 when every stage went as described, 1 otherwise.
+ShowSnapshots = Callable[[str, Sequence[ops.SnapshotRow]], None]  # the `runner ls` table, from cli/
 
+
+def run(cfg: DemoConfig, show_snapshots: ShowSnapshots, error: Callable[[str], None]) -> int:
+    """Run the demo; 0 when every stage went as described, 1 otherwise (the reason goes to `error`).
+
+    The CLI hands in how a table and an error line look (cli/terminal.py),
+    so that this module does not import the command line that imports it.
     Raises ConfigError for bad settings, StorageError when the bucket cannot be used.
     """
     if cfg.steps < 10:
@@ -92,12 +98,13 @@ def run(cfg: DemoConfig) -> int:
     command = [sys.executable, "-m", "runner.examples.voice", "--steps", str(cfg.steps),
                "--log-every", str(max(1, cfg.steps // 10))]  # fmt: skip
     demo = _Demo(bucket, run_id, reader, ref_reader, save_every, command, cfg.step_sleep)
+    demo.show_snapshots = show_snapshots
     with tempfile.TemporaryDirectory(prefix="runner-demo-") as work:
         demo.work = Path(work)
         try:
             demo.story(cfg)
         except _Failed as exc:
-            terminal.error(f"demo: {exc}")
+            error(f"demo: {exc}")
             return 1
     return 0
 
@@ -108,13 +115,37 @@ class _Demo:
         self.bucket, self.run_id, self.reader, self.ref_reader = bucket, run_id, reader, ref_reader
         self.save_every, self.base_command, self.step_sleep = save_every, command, step_sleep
         self.work = Path(".")
+        self.show_snapshots: ShowSnapshots = lambda run_id, rows: None
 
     def story(self, cfg: DemoConfig) -> None:
         _say("== runner demo: the example voice model on a simulated EC2 spot instance")
         _say(f"   run {self.run_id} in {self.bucket}: {cfg.steps} steps, a periodic snapshot every "
              f"{self.save_every} steps")
-
         stages = 4 if cfg.reference else 3
+        first, notice, emergency = self._interrupted(cfg, stages)
+        second, final = self._resumed(stages, emergency)
+        differ, components = self._reference(stages, final) if cfg.reference else (None, [])
+        _stage(f"{stages}/{stages}  summary of run {self.run_id}")
+        self.show_snapshots(self.run_id, ops.snapshot_rows(self.reader))
+        lost = (notice.reached or 0) - emergency.step
+        stop_s = first.seconds - (first.fired_s or 0.0)
+        _say(f"   steps:        {final.step}, on 2 instances")
+        _say(f"   interrupted:  an EC2 spot notice issued at step {first.fired_step} on instance 1; the training "
+             f"committed emergency snapshot {emergency.snapshot_id} at step {emergency.step} and stopped; "
+             f"runner start exited 75 {stop_s:.1f} s after the notice")
+        _say(f"   resumed:      on instance 2 (empty disk) from step {emergency.step}, first step "
+             f"{_secs(second.first_step_s)} after it started; {max(0, lost)} step(s) redone")
+        if differ is None:
+            _say("   final state:  not compared (--no-reference)")
+        elif differ:
+            raise _Failed("the final state differs from the uninterrupted run's: "
+                          + "; ".join(f"{c.component}: {c.detail}" for c in differ))
+        else:
+            names = ", ".join(c.component for c in components)
+            _say(f"   final state:  bitwise identical to the uninterrupted run ({len(components)} files: {names})")
+
+    def _interrupted(self, cfg: DemoConfig, stages: int) -> tuple[Watched, Watched, Manifest]:
+        """Stage 1: instance 1 trains until the spot notice, commits an emergency snapshot and exits 75."""
         _stage(f"1/{stages}  instance 1 starts the training under the supervisor")
         notice_step = max(1, int(cfg.steps * NOTICE_AT))
         first, notice = self._instance("instance-1", self.reader, notice_step=notice_step)
@@ -131,46 +162,32 @@ class _Demo:
         _say(f"   emergency snapshot {emergency.snapshot_id}: step {emergency.step}")
         ops.pin(self.reader, emergency.snapshot_id)
         _say("   pinned it (runner pin), so that retention keeps it for the summary; the instance's disk is deleted")
+        return first, notice, emergency
 
+    def _resumed(self, stages: int, emergency: Manifest) -> tuple[Watched, Manifest]:
+        """Stage 2: a fresh instance with an empty disk resumes from the emergency snapshot and finishes."""
         _stage(f"2/{stages}  instance 2: a new machine with an empty disk runs the same command")
         second, _ = self._instance("instance-2", self.reader, resume_step=emergency.step)
         final = final_snapshot(self.reader)
         if second.exit_code != 0 or final is None:
             raise _Failed(f"instance 2's runner start exited {second.exit_code} without finishing the run")
         _stage(f"instance 2: runner start exited 0; run {self.run_id} finished at step {final.step}")
+        return second, final
 
-        identical = None
-        if cfg.reference:
-            _stage(f"3/{stages}  for comparison: the same training, uninterrupted (run {self.ref_reader.run_id}, "
-                   "output hidden)")
-            ref, _ = self._instance("reference", self.ref_reader, quiet=True)
-            ref_final = final_snapshot(self.ref_reader)
-            if ref.exit_code != 0 or ref_final is None:
-                raise _Failed(f"the reference run's runner start exited {ref.exit_code}{self._tail('reference')}")
-            _say(f"   finished at step {ref_final.step} in {ref.seconds:.1f} s")
-            try:
-                components = compare_final(self.ref_reader, ref_final, self.reader, final)
-            except CorruptSnapshotError as exc:
-                raise _Failed(str(exc)) from None
-            identical = [c for c in components if not c.identical]
-
-        _stage(f"{stages}/{stages}  summary of run {self.run_id}")
-        terminal.snapshots(self.run_id, ops.snapshot_rows(self.reader), as_json=False)
-        lost = (notice.reached or 0) - emergency.step
-        _say(f"   steps:        {final.step}, on 2 instances")
-        _say(f"   interrupted:  an EC2 spot notice issued at step {first.fired_step} on instance 1; the training "
-             f"committed emergency snapshot {emergency.snapshot_id} at step {emergency.step} and stopped; "
-             f"runner start exited 75 {stop_s:.1f} s after the notice")
-        _say(f"   resumed:      on instance 2 (empty disk) from step {emergency.step}, first step "
-             f"{_secs(second.first_step_s)} after it started; {max(0, lost)} step(s) redone")
-        if identical is None:
-            _say("   final state:  not compared (--no-reference)")
-        elif identical:
-            raise _Failed("the final state differs from the uninterrupted run's: "
-                          + "; ".join(f"{c.component}: {c.detail}" for c in identical))
-        else:
-            names = ", ".join(c.component for c in components)
-            _say(f"   final state:  bitwise identical to the uninterrupted run ({len(components)} files: {names})")
+    def _reference(self, stages: int, final: Manifest) -> tuple[list, list]:
+        """Stage 3: the same training uninterrupted; (the components that differ, all components)."""
+        _stage(f"3/{stages}  for comparison: the same training, uninterrupted (run {self.ref_reader.run_id}, "
+               "output hidden)")
+        ref, _ = self._instance("reference", self.ref_reader, quiet=True)
+        ref_final = final_snapshot(self.ref_reader)
+        if ref.exit_code != 0 or ref_final is None:
+            raise _Failed(f"the reference run's runner start exited {ref.exit_code}{self._tail('reference')}")
+        _say(f"   finished at step {ref_final.step} in {ref.seconds:.1f} s")
+        try:
+            components = compare_final(self.ref_reader, ref_final, self.reader, final)
+        except CorruptSnapshotError as exc:
+            raise _Failed(str(exc)) from None
+        return [c for c in components if not c.identical], components
 
     @staticmethod
     def _env(sim: ImdsSimulator) -> dict[str, str]:
@@ -242,13 +259,3 @@ def _stdout() -> IO[str] | None:
 def _secs(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m runner.examples.demo`: the same as `runner demo`."""
-    from runner.cli import main as cli_main
-
-    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

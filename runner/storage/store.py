@@ -48,9 +48,9 @@ Exclusive creates are checked, not assumed.  Some S3-compatible servers
 ignore `If-None-Match: *` on PutObject and overwrite (s3rver does; older
 releases of others did): a second instance's lease or manifest would then
 replace the first's without anyone noticing.  So before its first exclusive
-create, a remote store creates a probe key twice, beside the key it is about
-to create (under the run's prefix, which is all a run's credentials may
-write), and deletes it: the second create must be refused.  If it is not,
+create, a remote store creates a probe key twice in the first folder of the
+key it is about to create (the run's prefix, which is all a run's
+credentials may write to), and deletes it: the second create must be refused.  If it is not,
 the create raises `ExclusiveCreateUnsupportedError` with what to do.  One
 probe per `Store` (two PUTs and a DELETE), before the first create; or at
 `check(prefix)`.  The storage option `exclusive_creates=unchecked` skips
@@ -424,7 +424,9 @@ class Store:
             if self.is_local:
                 self._call(self._local_write, path, data, exclusive=True, key=key)
             else:
-                self._ensure_exclusive(os.path.dirname(key.strip("/")))
+                # In the run's own folder (a key's first one): all that a run's credentials may write to.
+                folder, _, rest = key.strip("/").partition("/")
+                self._ensure_exclusive(folder if rest else "")
                 self._call(self.fs.pipe_file, path, data, mode="create", key=key)
         except ObjectExistsError:
             if self._holds(key, data):

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from runner.control import lease
-from runner.notices import Notice, NoticeKind
+from runner.notices import Notice
 from runner.storage import StorageError, Store
 
 log = logging.getLogger("runner.supervisor")
@@ -40,33 +40,26 @@ class LeaseKeeper:
     def generation(self) -> int | None:
         return self.lease.generation
 
-    def acquire(self, next_event: Callable[[float], object]) -> Notice | None:
+    def acquire(self, sleep: Callable[[float], Notice | None]) -> Notice | None:
         """Wait until the lease is ours; a termination notice while waiting is returned instead.
 
-        Other events seen while waiting go back on the queue. Raises StorageError.
+        `sleep(seconds)` is the supervisor's wait (waiting.Events.sleep inside
+        `holding()`): it returns the termination that ended it, if one did.
+        Raises StorageError.
         """
         told: tuple[str, int] | None = None
-        deferred: list[object] = []
-        try:
-            while True:
-                holder = self.lease.try_acquire()
-                if holder is None:
-                    self._start_renewing()
-                    return None
-                if told != (holder.holder, holder.generation):
-                    told = (holder.holder, holder.generation)
-                    log.info("run %s is held by %s; waiting until it exits or its lease expires",
-                             self.lease.run_id, holder.describe(time.time()))
-                until = time.monotonic() + self.poll_s
-                while (left := until - time.monotonic()) > 0:
-                    event = next_event(left)
-                    if isinstance(event, Notice) and event.kind is NoticeKind.TERMINATION:
-                        return event
-                    if event is not None:
-                        deferred.append(event)
-        finally:
-            for event in deferred:
-                self.events.put(event)
+        while True:
+            holder = self.lease.try_acquire()
+            if holder is None:
+                self._start_renewing()
+                return None
+            if told != (holder.holder, holder.generation):
+                told = (holder.holder, holder.generation)
+                log.info("run %s is held by %s; waiting until it exits or its lease expires",
+                         self.lease.run_id, holder.describe(time.time()))
+            notice = sleep(self.poll_s)
+            if notice is not None:
+                return notice
 
     def still_ours(self) -> bool:
         """False once a newer generation exists (a child that stopped may have been fenced). Raises StorageError."""

@@ -5,10 +5,12 @@ finished; start the child from the newest valid snapshot; react to its exit
 (finished, crash -> restart policy) and to notices (termination ->
 emergency snapshot, then stop; rebalance -> proactive snapshot); end with
 one status and its exit code (status.py).  Processes live in child.py,
-rules in policy.py, event sources in watchers.py.
+rules in policy.py, event sources in watchers.py, every wait in
+waiting.py, the termination path in stopping.py, the endings that need no
+process handling in endings.py.
 
-The main thread blocks on one event queue (notices, SIGCHLD, or a timeout it
-chose), so an idle supervisor costs nothing; it polls only while it waits
+The main thread blocks on one event queue (waiting.Events: notices, SIGCHLD,
+or a timeout it chose), so an idle supervisor costs nothing; it polls only while it waits
 for an acknowledgement (every 0.1 s, for seconds) or for a proactive save
 (every 0.5 s).
 
@@ -23,7 +25,7 @@ bare SIGTERM/SIGINT/SIGHUP: now + --grace-seconds):
    in the store with reason emergency (or, if the ack was lost, when the
    newest valid snapshot is a new emergency one); exit 75 either way, with a
    loud warning and the steps lost when nothing was committed (status.py
-   says why).
+   says why).  Steps 1-4 are stopping.py.
 
 In a multi-node torchrun job (launch.py) each machine has its own
 supervisor.  A notice reaches one of them; the ranks agree at the next step
@@ -38,46 +40,44 @@ In directory-sync mode (--sync-dir, syncdir.py) the child knows nothing of
 us: DIR is restored before the first start, synced in the background while
 the child runs and once more when it ends; a termination lets the files in
 flight settle, commits DIR, then stops the child with --sync-signal.  The
-hooks are the `_sync_*` methods at the end of the class.
+hooks are the `_sync_*` methods at the end of the class (and
+stopping.py's `_sync_preempt`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
 
 from runner import control
-from runner.control.lease import ENV_LEASE_GENERATION
-from runner.checkpoint.manifest import Manifest, Reason
+from runner.checkpoint.manifest import Manifest
 from runner.checkpoint.reader import RunReader
+from runner.control.lease import ENV_LEASE_GENERATION
 from runner.cost.hook import CostHook, NoCostHook
 from runner.notices import Notice, NoticeKind
 from runner.rendezvous import RendezvousUnavailable, rendezvous_id
-from runner.storage import StorageError, Store, UnsupportedURLError
+from runner.storage import StorageError, Store
+from runner.supervisor import endings, logs, scale_down
 from runner.supervisor.child import Child, ChildExit, ChildStartError, Reaper, become_subreaper, child_env, new_control_dir
 from runner.supervisor.config import StartConfig
-from runner.supervisor.leasing import LEASE_LOST, LeaseKeeper
+from runner.supervisor.endings import describe, step_of
 from runner.supervisor.launch import child_command, multi_node
-from runner.supervisor import scale_down
+from runner.supervisor.leasing import LEASE_LOST, LeaseKeeper
 from runner.supervisor.policy import CrashTracker, RestartPolicy, StopPlan
 from runner.supervisor.status import RunStatus
+from runner.supervisor.stopping import Stopping
 from runner.supervisor.syncdir import DirSync, SyncDirError
-from runner.supervisor.watchers import CHILD_EVENT, CloudWatcher, NoticeSourceError, SignalWatcher, plan_source
+from runner.supervisor.waiting import Events, is_termination
+from runner.supervisor.watchers import CloudWatcher, NoticeSourceError, SignalWatcher, plan_source
 
 log = logging.getLogger("runner.supervisor")
 
 _IDLE_WAKE_S = 30.0  # a safety net only: every event wakes the loop by itself
-_ACK_POLL_S = 0.1
 _SAVE_POLL_S = 0.5
-_MIN_NOTICE_S = 1.0  # a deadline already past still gets this long to save
 
 
 def supervise(config: StartConfig) -> int:
@@ -89,7 +89,7 @@ def supervise(config: StartConfig) -> int:
     can cause are logged as one line and turned into an exit code; nothing
     is raised for them.
     """
-    with _logging():
+    with logs.to_stderr():
         supervisor = Supervisor(config)
         status = supervisor.run()
         code = int(status.exit_code)
@@ -100,12 +100,12 @@ def supervise(config: StartConfig) -> int:
         return code
 
 
-class Supervisor:
-    """One `runner start`: counters, the current child, and the loop."""
+class Supervisor(Stopping):
+    """One `runner start`: counters, the current child, and the loop (the termination path: stopping.py)."""
 
     def __init__(self, config: StartConfig):
         self.config = config
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.events = Events(reap=lambda: self.reaper.reap(self.child))  # every wait: waiting.py
         self.tracker = CrashTracker(RestartPolicy(
             max_restarts=config.max_restarts, backoff_base_s=config.restart_backoff_s,
             crash_loop_limit=config.crash_loop_limit))  # fmt: skip
@@ -141,7 +141,7 @@ class Supervisor:
             return RunStatus.CONFIG_ERROR
         # Signals first: a SIGTERM while the store is slow to answer is a
         # preemption (75), not a death by signal.
-        signals = SignalWatcher(cfg.grace_seconds, self.events).install()
+        signals = SignalWatcher(cfg.grace_seconds, self.events.queue).install()
         try:
             try:
                 store = Store(cfg.bucket, cfg.storage_options)
@@ -151,14 +151,15 @@ class Supervisor:
                     log.info("run %s: one of up to %d nodes; the rendezvous admits one job, so no run lease is taken",
                              cfg.run_id, cfg.max_nodes)
                 else:
-                    self.lease = LeaseKeeper(store, cfg.run_id, self.events, ttl_s=cfg.lease_ttl_s)
-                    notice = self.lease.acquire(self._next_event)
+                    self.lease = LeaseKeeper(store, cfg.run_id, self.events.queue, ttl_s=cfg.lease_ttl_s)
+                    with self.events.holding():  # a rebalance meanwhile is for the child, once it runs
+                        notice = self.lease.acquire(self.events.sleep)
                     if notice is not None:
                         log.warning("%s while waiting for the run's lease; nothing to save", notice.detail)
                         return RunStatus.PREEMPTED_UNSAVED
-                newest = self._newest()  # read after the lease: the previous holder may have committed more
+                newest = endings.newest(self.reader)  # read after the lease: the previous holder may have committed more
             except StorageError as exc:
-                return self._storage_failed(exc, at_start=True)
+                return endings.storage_failed(exc, at_start=True)
             if newest is not None and newest.final:
                 log.info("run %s is already finished (final snapshot %s at step %d); nothing to do",
                          cfg.run_id, newest.snapshot_id, newest.step)
@@ -169,14 +170,14 @@ class Supervisor:
                 log.error("%s", exc)
                 return RunStatus.CONFIG_ERROR
             except StorageError as exc:
-                return self._storage_failed(exc, at_start=True)
+                return endings.storage_failed(exc, at_start=True)
             self.reaper = Reaper(reap_all=become_subreaper())
-            cloud = CloudWatcher(planned, cfg.poll_interval_s, self.events).start()
+            cloud = CloudWatcher(planned, cfg.poll_interval_s, self.events.queue).start()
             self._start_cost(store, newest, cloud)
             try:
                 return self._loop(newest)
             except StorageError as exc:
-                return self._storage_failed(exc, at_start=False)
+                return endings.storage_failed(exc, at_start=False)
             finally:
                 if self.sync is not None:
                     self.sync.stop()
@@ -189,9 +190,9 @@ class Supervisor:
 
     def _loop(self, resume: Manifest | None) -> RunStatus:
         while True:
-            stopped = self._termination_before_start(resume)
-            if stopped is not None:
-                return stopped
+            notice = self.events.termination_pending()
+            if notice is not None:
+                return self._unsaved(notice, "before the child started", resume)
             rdzv_id = self._ask_rendezvous(resume)
             if isinstance(rdzv_id, RunStatus):
                 return rdzv_id
@@ -209,25 +210,25 @@ class Supervisor:
                 log.error("run %s: lease lost while the child ran; it %s", self.config.run_id, outcome.describe())
                 return RunStatus.LEASE_LOST
             self._sync_after_exit(outcome)
-            newest = self._newest()
+            newest = endings.newest(self.reader)
             if self._peer_stop is not None and not (newest is not None and newest.final):
-                return self._peer_stopped(outcome, newest)
+                return endings.peer_stopped(self._peer_stop, outcome, newest)
             if outcome.returncode == 0 or (newest is not None and newest.final):
-                return self._finished(outcome, newest)
+                return endings.finished(self.config.run_id, outcome, newest)
             log.error("child %s", outcome.describe())
-            decision = self.tracker.record_crash(self._step(resume), self._step(newest))
+            decision = self.tracker.record_crash(step_of(resume), step_of(newest))
             if not decision.restart:
                 log.error("%s", decision.reason)
                 return decision.status or RunStatus.FAILED
-            self.cost.crash(self._last_progress, self._step(newest), outcome.returncode)
+            self.cost.crash(self._last_progress, step_of(newest), outcome.returncode)
             log.info("restart %d/%d in %.1f s, from %s", self.tracker.restarts, self.config.max_restarts,
-                     decision.delay_s, _describe(newest))
+                     decision.delay_s, describe(newest))
             stopped = self._backoff(decision.delay_s, newest)
             if stopped is not None:
                 return stopped
             resume = newest
 
-    # -- one child ----------------------------------------------------------------
+    # -- waiting while no child runs (every wait is waiting.Events.wait) -------------
 
     def _ask_rendezvous(self, resume: Manifest | None) -> str | RunStatus | None:
         """The next start's rendezvous id (multi-node), or how the run ends while the store is being asked.
@@ -247,26 +248,34 @@ class Supervisor:
                 answer.set_exception(exc)
 
         threading.Thread(target=ask, name="runner-rendezvous", daemon=True).start()
-        deferred: list[object] = []
-        try:
-            while not answer.done():
-                event = self._next_event(0.2)
-                if isinstance(event, Notice) and event.kind is NoticeKind.TERMINATION:
-                    self.preemptions += 1
-                    log.warning("%s while asking the rendezvous store at %s: no child is running, nothing to "
-                                "save; the next start resumes from %s", event.detail, cfg.rdzv_endpoint,
-                                _describe(resume))
-                    return RunStatus.PREEMPTED_UNSAVED
-                if event is not None:
-                    deferred.append(event)  # a rebalance: asked of the child once it runs
-        finally:
-            for event in deferred:
-                self.events.put(event)
+        notice = self.events.wait(done=answer.done, poll_s=0.2)  # a rebalance is kept for the child
+        if notice is not None:
+            return self._unsaved(notice, f"while asking the rendezvous store at {cfg.rdzv_endpoint}", resume)
         try:
             return answer.result()
         except RendezvousUnavailable as exc:
             log.error("%s", exc)
             return RunStatus.FAILED
+
+    def _backoff(self, delay_s: float, resume: Manifest | None) -> RunStatus | None:
+        self.status = RunStatus.BACKOFF
+
+        def heard(notice: Notice) -> bool:
+            if not is_termination(notice):
+                log.info("%s during the restart backoff: the newest snapshot is current already", notice.detail)
+            return is_termination(notice)
+
+        notice = self.events.sleep(delay_s, on_notice=heard)
+        return None if notice is None else self._unsaved(notice, "during the restart backoff", resume)
+
+    def _unsaved(self, notice: Notice, when: str, resume: Manifest | None) -> RunStatus:
+        """A termination while no child runs: nothing to save, stop now."""
+        self.preemptions += 1
+        log.warning("%s %s: no child is running, nothing to save; the next start resumes from %s",
+                    notice.detail, when, describe(resume))
+        return RunStatus.PREEMPTED_UNSAVED
+
+    # -- one child ----------------------------------------------------------------
 
     def _start_child(self, resume: Manifest | None, rdzv_id: str | None = None) -> Child:
         cfg = self.config
@@ -277,7 +286,7 @@ class Supervisor:
         if self.lease is not None and self.lease.generation is not None:
             env[ENV_LEASE_GENERATION] = str(self.lease.generation)
         if resume is not None:
-            log.info("run %s: resuming from %s", cfg.run_id, _describe(resume))
+            log.info("run %s: resuming from %s", cfg.run_id, describe(resume))
         else:
             log.info("run %s: no snapshot yet, starting fresh", cfg.run_id)
         try:
@@ -300,7 +309,7 @@ class Supervisor:
                 self._end_child(child)
                 return child.exit
             self._check_pending_save(child)
-            event = self._next_event(_SAVE_POLL_S if self._pending_save else _IDLE_WAKE_S)
+            event = self.events.next(_SAVE_POLL_S if self._pending_save else _IDLE_WAKE_S)
             if event == LEASE_LOST:
                 return self._lease_lost(child)
             if isinstance(event, Notice):
@@ -337,7 +346,7 @@ class Supervisor:
             self._wait_exit(child, time.monotonic() + 3.0)
         self._end_child(child)
 
-    # -- notices --------------------------------------------------------------------
+    # -- notices while the child runs (a termination: stopping.py) -------------------
 
     def _rebalance(self, child: Child, notice: Notice) -> None:
         if self.sync is not None:
@@ -365,247 +374,6 @@ class Supervisor:
         log.info("proactive snapshot %s committed at step %s in %.1f s", ack.get("snapshot_id"), ack.get("step"),
                  time.time() - notice.received_at)
 
-    def _preempt(self, child: Child, notice: Notice) -> RunStatus:
-        if self.sync is not None:
-            return self._sync_preempt(child, notice)
-        self.preemptions += 1
-        self.status = RunStatus.SAVING
-        self._pending_save = None
-        now = time.monotonic()
-        left = notice.seconds_left()
-        left = self.config.grace_seconds if left is None else max(_MIN_NOTICE_S, left)
-        self._plan = StopPlan.for_deadline(now, now + left)
-        log.info("%s: %.0f s left; asking the child for an emergency snapshot", notice.detail, left)
-        request_id = child.channel.request(control.STOP)
-        child.signal_group(control.STOP_SIGNAL)
-        ack = self._wait_ack(child, request_id)
-        self.status = RunStatus.STOPPING
-        if ack is not None:
-            self._ack_at = time.time()
-            log.info("emergency snapshot %s acknowledged (step %s) %.1f s after the notice",
-                     ack.get("snapshot_id"), ack.get("step"), self._ack_at - notice.received_at)
-        elif child.exit is None:
-            log.warning("no emergency snapshot acknowledged after %.1f s; stopping the child",
-                        time.time() - notice.received_at)
-        self._stop_child(child)
-        if ack is None:
-            ack = child.channel.ack(request_id)  # written just before it ended
-        self._end_child(child)
-        status = self._preempted(ack, notice)
-        self.cost.emergency(self._ack_at - notice.received_at if ack is not None and self._ack_at else None,
-                            ack.get("step") if ack else None, ack.get("snapshot_id") if ack else None,
-                            committed=status is not RunStatus.PREEMPTED_UNSAVED)
-        return status
-
-    def _wait_ack(self, child: Child, request_id: str) -> dict | None:
-        while True:
-            self.reaper.reap(child)
-            ack = child.channel.ack(request_id)
-            if ack is not None or child.exit is not None:
-                return ack
-            assert self._plan is not None
-            left = self._plan.ack_by - time.monotonic()
-            if left <= 0:
-                return None
-            self._tighten(self._next_event(min(_ACK_POLL_S, left)))
-
-    def _tighten(self, event: object) -> None:
-        """A second termination with an earlier deadline moves ours forward."""
-        if not (isinstance(event, Notice) and event.kind is NoticeKind.TERMINATION and self._plan):
-            return
-        left = event.seconds_left()
-        if left is None:
-            return
-        deadline = time.monotonic() + max(_MIN_NOTICE_S, left)
-        if deadline < self._plan.deadline:
-            log.info("%s: the deadline moves forward to %.0f s from now", event.detail, left)
-            self._plan = StopPlan.for_deadline(time.monotonic(), deadline)
-
-    def _stop_child(self, child: Child) -> None:
-        assert self._plan is not None
-        if self._wait_exit(child, self._plan.exit_by(time.monotonic())):
-            return
-        log.info("child pid %d still running; SIGTERM to its process group", child.pid)
-        child.signal_group(signal.SIGTERM)
-        if self._wait_exit(child, self._plan.kill_at(time.monotonic())):
-            return
-        log.warning("child pid %d still running; SIGKILL to its process group", child.pid)
-        child.signal_group(signal.SIGKILL)
-        if not self._wait_exit(child, time.monotonic() + 5.0):
-            log.warning("child pid %d did not die after SIGKILL (stuck in the kernel?)", child.pid)
-
-    def _preempted(self, ack: dict | None, notice: Notice) -> RunStatus:
-        committed = self._committed(ack)
-        if committed is not None and committed.final:
-            log.info("the child finished while stopping (final snapshot %s at step %d)",
-                     committed.snapshot_id, committed.step)
-            return RunStatus.FINISHED
-        if committed is not None:
-            took = (self._ack_at or committed.created_at.timestamp()) - notice.received_at
-            log.info("emergency snapshot %s committed at step %d, %.1f s after the notice; preempted, "
-                     "the next start resumes from it", committed.snapshot_id, committed.step, took)
-            return RunStatus.PREEMPTED
-        newest = self._newest_or_none()
-        if newest is not None and newest.final:
-            log.info("the child finished while stopping (final snapshot %s at step %d)", newest.snapshot_id,
-                     newest.step)
-            return RunStatus.FINISHED
-        reached = self._last_progress
-        resume_step = self._step(newest)
-        lost = f"; the child had reached step {reached}, so {reached - resume_step} step(s) are lost" \
-            if reached is not None and reached >= resume_step else ""  # fmt: skip
-        log.warning("NO EMERGENCY SNAPSHOT was committed before the deadline; the next start resumes from %s%s",
-                    _describe(newest), lost)
-        return RunStatus.PREEMPTED_UNSAVED
-
-    def _committed(self, ack: dict | None) -> Manifest | None:
-        """The emergency snapshot of this attempt, if one is valid in the store."""
-        assert self.reader is not None
-        try:
-            if ack is not None and ack.get("snapshot_id"):
-                status = self.reader.status(str(ack["snapshot_id"]))
-                if status.valid and status.manifest is not None:
-                    if status.manifest.reason in (Reason.EMERGENCY, Reason.FINAL):
-                        return status.manifest
-                    log.warning("acknowledged snapshot %s is a %s snapshot, not an emergency one",
-                                status.snapshot_id, status.manifest.reason.value)
-                else:
-                    log.warning("acknowledged snapshot %s is not valid in the store: %s",
-                                status.snapshot_id, status.problem)
-            newest = self.reader.newest_valid()
-        except StorageError as exc:
-            log.warning("cannot check the emergency snapshot in the store: %s", exc)
-            return None
-        before = self._resume.snapshot_id if self._resume else None
-        if newest is not None and newest.reason is Reason.EMERGENCY and newest.snapshot_id != before \
-                and newest.step >= self._step(self._resume):  # fmt: skip
-            if ack is None:
-                log.info("no acknowledgement, but emergency snapshot %s is committed", newest.snapshot_id)
-            return newest
-        return None
-
-    # -- waiting ----------------------------------------------------------------------
-
-    def _next_event(self, timeout: float) -> object:
-        """The next event, or None after `timeout` seconds; SIGCHLD reaps on the way."""
-        try:
-            event = self.events.get(timeout=max(0.0, timeout))
-        except queue.Empty:
-            return None
-        if event == CHILD_EVENT:
-            self.reaper.reap(self.child)
-            return None
-        return event
-
-    def _wait_exit(self, child: Child, until: float) -> bool:
-        while True:
-            self.reaper.reap(child)
-            if child.exit is not None:
-                return True
-            left = until - time.monotonic()
-            if left <= 0:
-                return False
-            event = self._next_event(min(left, 1.0))
-            if isinstance(event, Notice):
-                self._tighten(event)
-                if self._plan is not None:
-                    until = min(until, self._plan.deadline)
-
-    def _backoff(self, delay_s: float, resume: Manifest | None) -> RunStatus | None:
-        self.status = RunStatus.BACKOFF
-        until = time.monotonic() + delay_s
-        while (left := until - time.monotonic()) > 0:
-            event = self._next_event(left)
-            self.reaper.reap(None)
-            if isinstance(event, Notice) and event.kind is NoticeKind.TERMINATION:
-                self.preemptions += 1
-                log.warning("%s during the restart backoff: no child is running, nothing to save; "
-                            "the next start resumes from %s", event.detail, _describe(resume))
-                return RunStatus.PREEMPTED_UNSAVED
-            if isinstance(event, Notice):
-                log.info("%s during the restart backoff: the newest snapshot is current already", event.detail)
-        return None
-
-    def _termination_before_start(self, resume: Manifest | None) -> RunStatus | None:
-        """A termination that came while no child ran (at start): nothing to save, stop now."""
-        while True:
-            try:
-                event = self.events.get_nowait()
-            except queue.Empty:
-                return None
-            if isinstance(event, Notice) and event.kind is NoticeKind.TERMINATION:
-                self.preemptions += 1
-                log.warning("%s before the child started: nothing to save; the next start resumes from %s",
-                            event.detail, _describe(resume))
-                return RunStatus.PREEMPTED_UNSAVED
-            if isinstance(event, Notice):
-                self.events.put(event)  # a rebalance: the child will be asked once it runs
-                return None
-
-    # -- endings ----------------------------------------------------------------------
-
-    def _finished(self, outcome: ChildExit, newest: Manifest | None) -> RunStatus:
-        if newest is not None and newest.final:
-            if outcome.returncode != 0:
-                log.warning("child %s after committing its final snapshot; the run is finished",
-                            outcome.describe())
-            log.info("run %s finished: final snapshot %s at step %d", self.config.run_id, newest.snapshot_id,
-                     newest.step)
-        else:
-            log.warning("the child exited 0 without a final snapshot (newest: %s); treating the run as finished. "
-                        "Call ckpt.save(step, final=True) at the end of training", _describe(newest))
-        return RunStatus.FINISHED
-
-    def _peer_stopped(self, outcome: ChildExit, newest: Manifest | None) -> RunStatus:
-        """The job stopped for another node's notice: say which snapshot holds it; the caller exits 76."""
-        assert self._peer_stop is not None
-        said = str(self._peer_stop.get("snapshot_id"))
-        if newest is not None and newest.snapshot_id == said:
-            log.info("another node was preempted: the job committed snapshot %s at step %d and stopped (child %s); "
-                     "start again here to rejoin the group", said, newest.step, outcome.describe())
-        else:
-            log.warning("another node was preempted and the job stopped (child %s), but snapshot %s is not the "
-                        "newest valid one; the next start resumes from %s", outcome.describe(), said,
-                        _describe(newest))
-        return RunStatus.PEER_STOPPED
-
-    def _storage_failed(self, exc: StorageError, at_start: bool) -> RunStatus:
-        log.error("%s", exc)
-        if at_start and isinstance(exc, UnsupportedURLError):
-            return RunStatus.CONFIG_ERROR
-        return RunStatus.STORAGE_FAILED
-
-    # -- store ------------------------------------------------------------------------
-
-    def _newest(self) -> Manifest | None:
-        """The newest valid snapshot, a final one winning a tie at the same step; raises StorageError.
-
-        The tie is real: a script's last `ckpt.step(n)` may save periodically
-        and its `ckpt.save(n, final=True)` follows within the same second, and
-        snapshot ids order such twins by their random suffix.
-        """
-        assert self.reader is not None
-        newest: Manifest | None = None
-        for manifest in self.reader.valid_snapshots():
-            if newest is not None and manifest.step != newest.step:
-                break
-            if newest is None or manifest.final:
-                newest = manifest
-            if manifest.final:
-                break
-        return newest
-
-    def _newest_or_none(self) -> Manifest | None:
-        try:
-            return self._newest()
-        except StorageError as exc:
-            log.warning("cannot list the snapshots: %s", exc)
-            return None
-
-    @staticmethod
-    def _step(manifest: Manifest | None) -> int:
-        return manifest.step if manifest is not None else 0
-
     # -- the cost ledger (the logic is in runner/cost/hook.py) -------------------------
 
     def _start_cost(self, store: Store, newest: Manifest | None, cloud: CloudWatcher) -> None:
@@ -622,7 +390,7 @@ class Supervisor:
                              price_per_hour=cfg.price_per_hour, price_label=cfg.price_label,
                              on_demand_price_per_hour=cfg.on_demand_price_per_hour,
                              price_lookup=cfg.price_lookup, source=lambda: cloud.source)
-        self.cost.start(self._step(newest), newest.snapshot_id if newest else None, progress=progress,
+        self.cost.start(step_of(newest), newest.snapshot_id if newest else None, progress=progress,
                         channel=lambda: self.child.channel if self.child is not None else None)
 
     # -- directory-sync mode (the logic is in syncdir.py) ------------------------------
@@ -652,81 +420,3 @@ class Supervisor:
         """A --sync-dir child reports no step: the step its files reached stands in (the cost ledger's end)."""
         if self.sync is not None and self.sync.step is not None:
             self._last_progress = max(self._last_progress or 0, self.sync.step)
-
-    def _sync_preempt(self, child: Child, notice: Notice) -> RunStatus:
-        """A termination in sync mode: files in flight settle (until the plan's ack time), DIR is committed,
-        then the child gets --sync-signal, and SIGKILL if it is still there at the plan's kill time."""
-        assert self.sync is not None
-        self.preemptions += 1
-        self.status = RunStatus.SAVING
-        now = time.monotonic()
-        left = notice.seconds_left()
-        left = self.config.grace_seconds if left is None else max(_MIN_NOTICE_S, left)
-        self._plan = StopPlan.for_deadline(now, now + left)
-        log.info("%s: %.0f s left; syncing %s, then stopping the child", notice.detail, left, self.sync.dir)
-
-        def alive() -> bool:
-            self.reaper.reap(child)
-            return child.exit is None
-
-        try:
-            held = self.sync.final_sync(until=lambda: self._plan.ack_by,  # type: ignore[union-attr]
-                                        wait=lambda s: self._tighten(self._next_event(s)), alive=alive)
-        except StorageError as exc:
-            log.warning("the last sync failed: %s", exc)
-            held = None
-        self._sync_progress()
-        self.status = RunStatus.STOPPING
-        if alive():
-            log.info("%s to the child's process group", self.config.sync_signal)
-            child.signal_group(self.config.sync_signal_number)
-            if not self._wait_exit(child, self._plan.kill_at(time.monotonic())):
-                log.warning("child pid %d still running; SIGKILL to its process group", child.pid)
-                child.signal_group(signal.SIGKILL)
-                self._wait_exit(child, time.monotonic() + 5.0)
-        self._end_child(child)
-        if held is None:
-            log.warning("NO SYNC SNAPSHOT holds %s; the next start resumes from %s", self.sync.dir,
-                        _describe(self._newest_or_none()))
-            return RunStatus.PREEMPTED_UNSAVED
-        took = time.time() - notice.received_at
-        log.info("sync snapshot %s holds %s (step %d), %.1f s after the notice; preempted, the next start "
-                 "restores it", held.snapshot_id, self.sync.dir, held.step, took)
-        return RunStatus.PREEMPTED
-
-
-def _describe(manifest: Manifest | None) -> str:
-    if manifest is None:
-        return "the start (no snapshot)"
-    return f"snapshot {manifest.snapshot_id} (step {manifest.step}, {manifest.reason.value})"
-
-
-class _Formatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        prefix = "runner: "
-        if record.levelno >= logging.ERROR:
-            prefix += "error: "
-        elif record.levelno >= logging.WARNING:
-            prefix += "warning: "
-        return prefix + record.getMessage()
-
-
-@contextmanager
-def _logging() -> Iterator[None]:
-    """One line per event on stderr, "runner: ...", unless the caller set up logging for `runner`."""
-    root = logging.getLogger("runner")
-    if root.handlers:
-        yield
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
-    level, propagate = root.level, root.propagate
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    root.propagate = False
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-        root.propagate = propagate

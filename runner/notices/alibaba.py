@@ -8,17 +8,18 @@ sent back as ``X-aliyun-ecs-metadata-token``).  Alibaba documents the item as
 such as ``2026-11-25T14:00:00Z``; an empty answer also means "safe".  Alibaba
 gives about five minutes between that notice and the release.
 
-The token handling is shared with EC2 (`_token.TokenSession`); when hardened
+The endpoint, timeouts and token handling are shared with EC2
+(`_service.MetadataService`, `_token.TokenSession`); when hardened
 mode is not enforced and no token can be had, the tokenless GET still works.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
-from runner.notices._http import Deadline, Endpoint, FailureLog, MetadataError, request
-from runner.notices._token import MAX_TOKEN_TTL_S, TokenHeaders, TokenSession
+from runner.notices._http import Deadline, MetadataError
+from runner.notices._service import MetadataService
+from runner.notices._token import TokenHeaders
 from runner.notices.base import RECOMMENDED_POLL_INTERVAL_S, Notice, NoticeKind, parse_utc_timestamp
 
 logger = logging.getLogger(__name__)
@@ -32,12 +33,7 @@ TERMINATION_TIME_PATH = "/latest/meta-data/instance/spot/termination-time"
 POLL_INTERVAL_S = RECOMMENDED_POLL_INTERVAL_S
 
 
-def resolve_endpoint(endpoint: str | None) -> str:
-    """The constructor argument, else $RUNNER_ALIBABA_METADATA_ENDPOINT, else 100.100.100.200."""
-    return endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
-
-
-class AlibabaSource:
+class AlibabaSource(MetadataService):
     """Preemptible-instance termination notices from Alibaba ECS metadata.
 
     Raises ValueError from the constructor when the endpoint is not an http(s) URL.
@@ -45,30 +41,11 @@ class AlibabaSource:
 
     name = "alibaba"
     poll_interval = POLL_INTERVAL_S
-
-    def __init__(
-        self,
-        endpoint: str | None = None,
-        *,
-        timeout: float = 0.5,
-        poll_budget: float = 1.0,
-        token_ttl: int = MAX_TOKEN_TTL_S,
-        token_retry_s: float = 10.0,
-    ) -> None:
-        self._endpoint = Endpoint.parse(resolve_endpoint(endpoint))
-        self._timeout = timeout
-        self._poll_budget = poll_budget
-        self._session = TokenSession(
-            self._endpoint, TOKEN_HEADERS, timeout=timeout, token_ttl=token_ttl, token_retry_s=token_retry_s
-        )
-        self._failures = FailureLog(logger, f"Alibaba ECS metadata at {self._endpoint.url}")
-
-    @property
-    def endpoint(self) -> str:
-        return self._endpoint.url
-
-    def __repr__(self) -> str:
-        return f"AlibabaSource(endpoint={self.endpoint!r})"
+    label = "Alibaba ECS metadata"
+    default_endpoint = DEFAULT_ENDPOINT
+    endpoint_env = ENDPOINT_ENV
+    root_path = METADATA_ROOT_PATH
+    token_headers = TOKEN_HEADERS
 
     def poll(self) -> list[Notice]:
         """The termination notice if there is one; [] otherwise or on any trouble."""
@@ -92,11 +69,8 @@ class AlibabaSource:
         200 is normal mode; hardened mode refuses a tokenless GET with 401 or
         403, which still proves the service is there.
         """
-        try:
-            answer = request(self._endpoint, "GET", METADATA_ROOT_PATH, timeout=self._timeout)
-        except MetadataError:
-            return False
-        return answer.status in (200, 401, 403) and answer.header("Metadata-Flavor") is None
+        answer = self._get_root()
+        return answer is not None and answer.status in (200, 401, 403) and answer.header("Metadata-Flavor") is None
 
 
 def _termination_notice(when: str) -> Notice | None:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from runner.notices._http import Deadline, Endpoint, FailureLog, MetadataError, Response, request
-from runner.notices._token import MAX_TOKEN_TTL_S, TokenHeaders, TokenSession
+from runner.notices._http import Deadline, MetadataError, Response, request
+from runner.notices._service import MetadataService
+from runner.notices._token import TokenHeaders
 from runner.notices.base import (
     RECOMMENDED_POLL_INTERVAL_S,
     Notice,
@@ -69,12 +69,7 @@ class InstanceFacts:
     lifecycle: str | None  # "spot" or "on-demand" on EC2
 
 
-def resolve_endpoint(endpoint: str | None) -> str:
-    """The constructor argument, else $AWS_EC2_METADATA_SERVICE_ENDPOINT, else IMDS's address."""
-    return endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
-
-
-class Ec2Source:
+class Ec2Source(MetadataService):
     """Spot interruption and rebalance notices from EC2's IMDSv2.
 
     `timeout` bounds each request, `poll_budget` one whole `poll()`.  Raises
@@ -83,30 +78,11 @@ class Ec2Source:
 
     name = "ec2"
     poll_interval = POLL_INTERVAL_S
-
-    def __init__(
-        self,
-        endpoint: str | None = None,
-        *,
-        timeout: float = 0.5,
-        poll_budget: float = 1.0,
-        token_ttl: int = MAX_TOKEN_TTL_S,
-        token_retry_s: float = 10.0,
-    ) -> None:
-        self._endpoint = Endpoint.parse(resolve_endpoint(endpoint))
-        self._timeout = timeout
-        self._poll_budget = poll_budget
-        self._session = TokenSession(
-            self._endpoint, TOKEN_HEADERS, timeout=timeout, token_ttl=token_ttl, token_retry_s=token_retry_s
-        )
-        self._failures = FailureLog(logger, f"EC2 metadata at {self._endpoint.url}")
-
-    @property
-    def endpoint(self) -> str:
-        return self._endpoint.url
-
-    def __repr__(self) -> str:
-        return f"Ec2Source(endpoint={self.endpoint!r})"
+    label = "EC2 metadata"
+    default_endpoint = DEFAULT_ENDPOINT
+    endpoint_env = ENDPOINT_ENV  # $AWS_EC2_METADATA_SERVICE_ENDPOINT, as the AWS SDKs read it
+    root_path = METADATA_ROOT_PATH
+    token_headers = TOKEN_HEADERS
 
     # -- the NoticeSource interface ------------------------------------------
 
@@ -142,11 +118,8 @@ class Ec2Source:
         IMDSv2-only service answers 401, an IMDSv1 one 200; GCP's metadata
         server shares the address but marks its answers with Metadata-Flavor.
         """
-        try:
-            answer = request(self._endpoint, "GET", METADATA_ROOT_PATH, timeout=self._timeout)
-        except MetadataError:
-            return False
-        return _looks_like_ec2(answer)
+        answer = self._get_root()
+        return answer is not None and _looks_like_ec2(answer)
 
     # -- start-time check and facts -----------------------------------------
 

@@ -18,7 +18,8 @@ import os
 import threading
 import time
 
-from runner.notices._http import Deadline, Endpoint, FailureLog, MetadataError, request
+from runner.notices._http import Deadline, MetadataError, request
+from runner.notices._service import MetadataService
 from runner.notices.base import Notice, NoticeKind
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def resolve_endpoint(endpoint: str | None) -> str:
     return f"http://{host}" if host else DEFAULT_ENDPOINT
 
 
-class GcpSource:
+class GcpSource(MetadataService):
     """Preemption notices from the GCE metadata server.
 
     Raises ValueError from the constructor when the endpoint is not an http(s) URL.
@@ -49,21 +50,17 @@ class GcpSource:
 
     name = "gcp"
     poll_interval = POLL_INTERVAL_S
+    label = "GCE metadata"
+    root_path = METADATA_ROOT_PATH
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = 0.5, poll_budget: float = 1.0) -> None:
-        self._endpoint = Endpoint.parse(resolve_endpoint(endpoint))
-        self._timeout = timeout
-        self._poll_budget = poll_budget
+        super().__init__(endpoint, timeout=timeout, poll_budget=poll_budget)
         self._first_seen: float | None = None  # epoch time of the first TRUE
         self._lock = threading.Lock()
-        self._failures = FailureLog(logger, f"GCE metadata at {self._endpoint.url}")
 
-    @property
-    def endpoint(self) -> str:
-        return self._endpoint.url
-
-    def __repr__(self) -> str:
-        return f"GcpSource(endpoint={self.endpoint!r})"
+    @classmethod
+    def resolve_endpoint(cls, endpoint: str | None) -> str:
+        return resolve_endpoint(endpoint)
 
     def poll(self) -> list[Notice]:
         """A TERMINATION once the VM is being preempted; [] otherwise or on any trouble."""
@@ -87,11 +84,8 @@ class GcpSource:
 
     def probe(self) -> bool:
         """True when a GCE metadata server answers, marked with its Metadata-Flavor header."""
-        try:
-            answer = request(self._endpoint, "GET", METADATA_ROOT_PATH, FLAVOR_HEADERS, self._timeout)
-        except MetadataError:
-            return False
-        return answer.status == 200 and answer.header("Metadata-Flavor") == "Google"
+        answer = self._get_root(FLAVOR_HEADERS)
+        return answer is not None and answer.status == 200 and answer.header("Metadata-Flavor") == "Google"
 
     def _preemption_notice(self) -> Notice:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Directory-sync mode (`runner start --sync-dir DIR`, runner/supervisor/syncdir.py).
+"""Directory-sync mode (`runner start --sync-dir DIR`, runner/supervisor/syncdir/).
 
 End to end with real processes: a tiny trainer that checkpoints on its own
 (`torch.save` bytes written slowly, in chunks, as `G_<step>.pth`) runs under a

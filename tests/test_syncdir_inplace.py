@@ -271,7 +271,7 @@ class _Evil:
 
 
 def test_step_keys_are_read_without_running_code_from_the_file_or_reading_tensors():
-    from runner.supervisor.syncfiles import keys_in
+    from runner.supervisor.syncdir.files import keys_in
 
     good = _torch_file(model={"w": torch.randn(1000)}, iter_num=42, best_val_loss=torch.tensor(1.5),
                        trainer={"global_step": 7}, step=True)
@@ -283,7 +283,7 @@ def test_step_keys_are_read_without_running_code_from_the_file_or_reading_tensor
 
 
 def test_step_rules_and_their_order():
-    from runner.supervisor.syncfiles import file_step, parse_step_rule, step_from_folder
+    from runner.supervisor.syncdir.files import file_step, parse_step_rule, step_from_folder
 
     assert step_from_folder("output/checkpoint-500/optimizer.pt") == 500
     assert step_from_folder("run3/ckpt.pt") is None and step_from_folder("ckpt.pt") is None

@@ -31,13 +31,13 @@ class StartConfig(BaseModel):
     grace_seconds: float = Field(default=25.0, gt=0)  # for a bare SIGTERM
     max_restarts: int = Field(default=3, ge=0)
     sync_dir: str | None = None
-    # Directory-sync mode (syncdir.py).  The signal that stops the child after
+    # Directory-sync mode (syncdir/).  The signal that stops the child after
     # the last sync on a termination notice: SIGTERM, TERM or 15.
     sync_signal: str = "SIGTERM"
     sync_settle_s: float = Field(default=2.0, gt=0)  # unchanged this long = written (torch zips: once complete)
     sync_scan_s: float = Field(default=2.0, gt=0, le=60)  # how often DIR is scanned
     sync_interval_s: float = Field(default=60.0, ge=0)  # at most this often for changes to non-checkpoint files only
-    # Where a sync snapshot's training step comes from before the built-in rules (syncfiles.py): a key inside
+    # Where a sync snapshot's training step comes from before the built-in rules (syncdir/files.py): a key inside
     # torch files (`iter_num`, `trainer.global_step`) or a regex over file paths with one group.
     sync_step_from: str | None = None
     imds_endpoint: str | None = None
@@ -111,7 +111,7 @@ class StartConfig(BaseModel):
     @classmethod
     def _sync_step_from(cls, value: str | None) -> str | None:
         if value is not None:
-            from runner.supervisor.syncfiles import parse_step_rule
+            from runner.supervisor.syncdir.files import parse_step_rule
 
             parse_step_rule(value)  # ValueError: what to write instead
         return value

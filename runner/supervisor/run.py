@@ -36,7 +36,7 @@ the child's peer-stopped.json that the job stopped for a peer, and exit 76
 The run lease is not taken there: torchrun's rendezvous admits one job of
 `--nnodes` machines, and every machine's supervisor holds the run at once.
 
-In directory-sync mode (--sync-dir, syncdir.py) the child knows nothing of
+In directory-sync mode (--sync-dir, syncdir/) the child knows nothing of
 us: DIR is restored before the first start, synced in the background while
 the child runs and once more when it ends; a termination lets the files in
 flight settle, commits DIR, then stops the child with --sync-signal.  The
@@ -393,7 +393,7 @@ class Supervisor(Stopping):
         self.cost.start(step_of(newest), newest.snapshot_id if newest else None, progress=progress,
                         channel=lambda: self.child.channel if self.child is not None else None)
 
-    # -- directory-sync mode (the logic is in syncdir.py) ------------------------------
+    # -- directory-sync mode (the logic is in syncdir/) ------------------------------
 
     def _sync_restore(self, store: Store) -> None:
         """Before the first start: DIR from the newest intact sync snapshot. Raises SyncDirError, StorageError."""

@@ -1,6 +1,6 @@
 """One file in a --sync-dir: its stored name, whether it is whole, a consistent read of it, its training step.
 
-Pure functions of bytes, names and a stat, used by syncdir.py (which decides
+Pure functions of bytes, names and a stat, used by the rest of syncdir/ (which decides
 when to look).  Design notes (why):
 
 - A torch checkpoint (`torch.save`'s zip format, `PK\\x03\\x04` first) is whole
@@ -65,7 +65,7 @@ def fingerprint(st: os.stat_result) -> Fingerprint:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-# -- how names are stored (syncdir.py's notes) ---------------------------------------------
+# -- how names are stored (the notes in syncdir/__init__.py) ---------------------------------------------
 
 def encode_path(rel: str) -> str:
     """The manifest path for DIR-relative `rel` ("a/b c.pth" -> "a/_b32.mjqgg..."); see the module notes."""

@@ -1,4 +1,4 @@
-"""Putting a sync snapshot's files into a --sync-dir: all of them or none (syncdir.py decides which snapshot).
+"""Putting a sync snapshot's files into a --sync-dir: all of them or none (sync.py decides which snapshot).
 
 Every file is downloaded, checked against its SHA-256 (the reader does) and
 staged as a `.runner-restore-*` temporary beside its target first; only when
@@ -20,7 +20,7 @@ from pathlib import Path
 from runner.checkpoint.manifest import FileEntry, Manifest
 from runner.checkpoint.reader import CorruptSnapshotError, RunReader
 from runner.storage import StorageError
-from runner.supervisor.syncfiles import PRIVATE_PREFIX, Fingerprint, decode_path, fingerprint
+from runner.supervisor.syncdir.files import PRIVATE_PREFIX, Fingerprint, decode_path, fingerprint
 
 Keys = tuple[tuple[str, int], ...]
 

@@ -2,7 +2,7 @@
 
 Owns measuring `runner.Checkpointer` save and restore in a 2-rank torchrun
 job (CPU, gloo), where it saves sharded through torch.distributed.checkpoint
-(runner/checkpoint/sharded.py), next to a baseline run by this same script on
+(runner/checkpoint/sharded/), next to a baseline run by this same script on
 the same state and the same endpoint: one plain process (no process group)
 saving the same model and optimizer as one single-layout snapshot.
 

@@ -24,8 +24,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
-from runner.checkpoint import dcp_metadata, layout, sharded
-from runner.checkpoint.dcp_metadata import DcpMetadataError, from_json, to_json
+from runner.checkpoint import layout, sharded
+from runner.checkpoint.sharded import dcp_metadata
+from runner.checkpoint.sharded.dcp_metadata import DcpMetadataError, from_json, to_json
 from runner.checkpoint.manifest import FileEntry, Manifest, Reason
 from runner.checkpoint.reader import CorruptSnapshotError, RunReader
 from runner.checkpoint.writer import PendingSnapshot

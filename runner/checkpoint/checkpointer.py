@@ -5,6 +5,13 @@ It wires the parts and keeps little state of its own: settings -> store;
 `step()` polls the control channel and decides when to save; saving captures
 the state to host memory here (the only stall) and hands it to the
 background writer, which commits it and then applies retention.
+
+Why it is long: this is the public facade (DESIGN.md 3.2), and the save
+decision, the hand-off to the writer, the ranks' agreement on a step and
+restore all read and update the same few fields; the pieces it delegates
+to (writer, reader, state, sharded/, retention) already live beside it.
+Splitting restore and the distributed step agreement out is the next
+step (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ class Checkpointer:
         self.policy = retention.KeepLastN(self.settings.keep_last)
         self.channel = control.ChildChannel(self.settings.control_dir)
         control.install_signal_handlers()
-        # In a torch.distributed job every rank saves the same step, sharded (checkpoint/sharded.py).
+        # In a torch.distributed job every rank saves the same step, sharded (checkpoint/sharded/).
         self._group = _job_group()
         # One process per machine reports progress and commits to the supervisor (torchrun's local rank 0).
         self._reports = os.environ.get("LOCAL_RANK", "0") == "0"
@@ -394,7 +401,7 @@ class Checkpointer:
 
     def _commit_sharded(self, step: int, epoch: int | None, metrics: dict[str, float] | None,
                         reason: Reason) -> CommitResult:
-        """Every rank: save this step's shards; rank 0 commits (checkpoint/sharded.py). Blocks training."""
+        """Every rank: save this step's shards; rank 0 commits (checkpoint/sharded/). Blocks training."""
         pending, spooled, save_number = self._spool(step, epoch, metrics, reason)
         return self._commit_spooled(spooled, pending, save_number, blocking=True)
 

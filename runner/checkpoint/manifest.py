@@ -22,7 +22,7 @@ from runner.errors import ManifestError  # defined there, re-exported here
 FORMAT = "runner.snapshot"
 FORMAT_VERSION = 1
 # Version 2: `layout` may be "sharded" (torch.distributed.checkpoint shards, see
-# checkpoint/sharded.py); a runner that knows only 1 says "upgrade" instead of misreading one.
+# checkpoint/sharded/); a runner that knows only 1 says "upgrade" instead of misreading one.
 SHARDED_FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = {1, 2}
 

@@ -199,3 +199,21 @@ class RunReader:
     def pinned(self) -> set[str]:
         keys = self.store.list(layout.pins_prefix(self.run_id), remember=False)  # usually empty
         return {k.key.rsplit("/", 1)[-1] for k in keys if layout.valid_snapshot_id(k.key.rsplit("/", 1)[-1])}
+
+
+def newest_preferring_final(reader: RunReader) -> Manifest | None:
+    """The snapshot a run resumes from: the newest valid one, a final one winning a tie at the same step.
+
+    The tie is real: a script's last `ckpt.step(n)` may save periodically
+    and its `ckpt.save(n, final=True)` follows within the same second, and
+    snapshot ids order such twins by their random suffix.  Raises StorageError.
+    """
+    found: Manifest | None = None
+    for manifest in reader.valid_snapshots():
+        if found is not None and manifest.step != found.step:
+            break
+        if found is None or manifest.final:
+            found = manifest
+        if manifest.final:
+            break
+    return found

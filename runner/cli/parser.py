@@ -112,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_command(sub: Any, name: str, summary: str, example: str,
+                 handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """A command on one run of a bucket: the common flags and --run-id (default: "default")."""
+    parser = _command(sub, name, summary, example, handler, [_common()])
+    add_flag(parser, "--run-id", default="default", metavar="ID", help="the run (default: %(default)s)")
+    return parser
+
+
 def _add_ls(sub: Any) -> None:
     p = _command(sub, "ls", "List the runs in a bucket, or the snapshots of one run.",
                  "runner ls --bucket s3://my-bucket/runs --run-id exp1", commands.ls, [_common()])
@@ -119,16 +127,14 @@ def _add_ls(sub: Any) -> None:
 
 
 def _add_verify(sub: Any) -> None:
-    p = _command(sub, "verify", "Read every byte of a run's snapshots and check their SHA-256.",
-                 "runner verify --bucket s3://my-bucket/runs --run-id exp1 --snapshot latest", commands.verify, [_common()])
-    add_flag(p, "--run-id", default="default", metavar="ID", help="the run (default: %(default)s)")
+    p = _run_command(sub, "verify", "Read every byte of a run's snapshots and check their SHA-256.",
+                     "runner verify --bucket s3://my-bucket/runs --run-id exp1 --snapshot latest", commands.verify)
     add_flag(p, "--snapshot", metavar="ID", help="a snapshot id or 'latest' (default: every snapshot)")
 
 
 def _add_gc(sub: Any) -> None:
-    p = _command(sub, "gc", "Delete old snapshots, orphaned data and stale uploads; keeps the newest valid and pinned.",
-                 "runner gc --bucket s3://my-bucket/runs --run-id exp1 --keep-last 3 --dry-run", commands.gc, [_common()])
-    add_flag(p, "--run-id", default="default", metavar="ID", help="the run (default: %(default)s)")
+    p = _run_command(sub, "gc", "Delete old snapshots, orphaned data and stale uploads; keeps the newest valid and pinned.",
+                     "runner gc --bucket s3://my-bucket/runs --run-id exp1 --keep-last 3 --dry-run", commands.gc)
     add_flag(p, "--keep-last", type=int, default=CheckpointSettings.model_fields["keep_last"].default, metavar="K",
              help="valid snapshots to keep (default: %(default)s)")
     add_flag(p, "--orphan-age", type=float, default=DEFAULT_ORPHAN_AGE_S, metavar="SECONDS",
@@ -137,9 +143,8 @@ def _add_gc(sub: Any) -> None:
 
 
 def _add_pin(sub: Any) -> None:
-    p = _command(sub, "pin", "Keep a snapshot out of rotation (or let it rotate again with --unpin).",
-                 "runner pin --bucket s3://my-bucket/runs --run-id exp1 latest", commands.pin, [_common()])
-    add_flag(p, "--run-id", default="default", metavar="ID", help="the run (default: %(default)s)")
+    p = _run_command(sub, "pin", "Keep a snapshot out of rotation (or let it rotate again with --unpin).",
+                     "runner pin --bucket s3://my-bucket/runs --run-id exp1 latest", commands.pin)
     add_flag(p, "--unpin", action="store_true", help="remove the pin instead")
     p.add_argument("snapshot", metavar="SNAPSHOT", help="a snapshot id or 'latest'")
 

@@ -27,6 +27,9 @@ Why it is built this way:
   lambda: ``LambdaLR.state_dict()`` saves such an object's attributes, so the
   warmup/decay settings travel with the snapshot, and the LR is a closed-form
   function of the step, so nothing accumulates across a resume.
+
+Why it is long: it is the example users read and copy, so model, data,
+training loop and the Checkpointer calls stay in one file on purpose.
 """
 
 from __future__ import annotations

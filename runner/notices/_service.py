@@ -19,8 +19,9 @@ from runner.notices._token import MAX_TOKEN_TTL_S, TokenHeaders, TokenSession
 
 
 class MetadataService:
-    """The base of the HTTP metadata sources; a subclass sets the class attributes below.
+    """The base of the HTTP metadata sources; a subclass names its service in its class line.
 
+    `class Ec2Source(MetadataService, label=..., default_endpoint=..., ...)`.
     Raises ValueError from the constructor when the endpoint is not an http(s) URL.
     """
 
@@ -29,6 +30,13 @@ class MetadataService:
     endpoint_env = ""  # the variable that moves the endpoint ("" for none)
     root_path = "/"
     token_headers: TokenHeaders | None = None  # None: the service takes no session token
+
+    def __init_subclass__(cls, **service: object) -> None:
+        super().__init_subclass__()
+        for key, value in service.items():
+            if not hasattr(MetadataService, key):
+                raise TypeError(f"{cls.__name__}: unknown metadata service setting {key!r}")
+            setattr(cls, key, value)
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = 0.5, poll_budget: float = 1.0,
                  token_ttl: int = MAX_TOKEN_TTL_S, token_retry_s: float = 10.0) -> None:

@@ -24,28 +24,19 @@ from runner.notices.base import RECOMMENDED_POLL_INTERVAL_S, Notice, NoticeKind,
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINT = "http://100.100.100.200"
-# Alibaba has no standard variable for this; ours, for tests and odd networks.
-ENDPOINT_ENV = "RUNNER_ALIBABA_METADATA_ENDPOINT"
-TOKEN_HEADERS = TokenHeaders(ttl="X-aliyun-ecs-metadata-token-ttl-seconds", token="X-aliyun-ecs-metadata-token")
-METADATA_ROOT_PATH = "/latest/meta-data/"
 TERMINATION_TIME_PATH = "/latest/meta-data/instance/spot/termination-time"
 POLL_INTERVAL_S = RECOMMENDED_POLL_INTERVAL_S
 
 
-class AlibabaSource(MetadataService):
-    """Preemptible-instance termination notices from Alibaba ECS metadata.
-
-    Raises ValueError from the constructor when the endpoint is not an http(s) URL.
-    """
+# Alibaba has no standard variable for the endpoint: RUNNER_ALIBABA_METADATA_ENDPOINT is ours, for tests.
+class AlibabaSource(MetadataService, label="Alibaba ECS metadata", default_endpoint="http://100.100.100.200",
+                    endpoint_env="RUNNER_ALIBABA_METADATA_ENDPOINT", root_path="/latest/meta-data/",
+                    token_headers=TokenHeaders(ttl="X-aliyun-ecs-metadata-token-ttl-seconds",
+                                               token="X-aliyun-ecs-metadata-token")):
+    """Preemptible-instance termination notices from Alibaba ECS metadata."""
 
     name = "alibaba"
     poll_interval = POLL_INTERVAL_S
-    label = "Alibaba ECS metadata"
-    default_endpoint = DEFAULT_ENDPOINT
-    endpoint_env = ENDPOINT_ENV
-    root_path = METADATA_ROOT_PATH
-    token_headers = TOKEN_HEADERS
 
     def poll(self) -> list[Notice]:
         """The termination notice if there is one; [] otherwise or on any trouble."""

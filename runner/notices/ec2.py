@@ -31,11 +31,6 @@ from runner.notices.base import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINT = "http://169.254.169.254"
-ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
-
-TOKEN_HEADERS = TokenHeaders(ttl="X-aws-ec2-metadata-token-ttl-seconds", token="X-aws-ec2-metadata-token")
-
 METADATA_ROOT_PATH = "/latest/meta-data/"
 INSTANCE_ACTION_PATH = "/latest/meta-data/spot/instance-action"
 REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
@@ -69,20 +64,17 @@ class InstanceFacts:
     lifecycle: str | None  # "spot" or "on-demand" on EC2
 
 
-class Ec2Source(MetadataService):
-    """Spot interruption and rebalance notices from EC2's IMDSv2.
+class Ec2Source(MetadataService, label="EC2 metadata", default_endpoint="http://169.254.169.254",
+                endpoint_env="AWS_EC2_METADATA_SERVICE_ENDPOINT", root_path=METADATA_ROOT_PATH,
+                token_headers=TokenHeaders(ttl="X-aws-ec2-metadata-token-ttl-seconds",
+                                           token="X-aws-ec2-metadata-token")):
+    """Spot interruption and rebalance notices from EC2's IMDSv2 (the endpoint variable is the AWS SDKs').
 
-    `timeout` bounds each request, `poll_budget` one whole `poll()`.  Raises
-    ValueError from the constructor when the endpoint is not an http(s) URL.
+    `timeout` bounds each request, `poll_budget` one whole `poll()`.
     """
 
     name = "ec2"
     poll_interval = POLL_INTERVAL_S
-    label = "EC2 metadata"
-    default_endpoint = DEFAULT_ENDPOINT
-    endpoint_env = ENDPOINT_ENV  # $AWS_EC2_METADATA_SERVICE_ENDPOINT, as the AWS SDKs read it
-    root_path = METADATA_ROOT_PATH
-    token_headers = TOKEN_HEADERS
 
     # -- the NoticeSource interface ------------------------------------------
 

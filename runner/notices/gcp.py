@@ -42,16 +42,11 @@ def resolve_endpoint(endpoint: str | None) -> str:
     return f"http://{host}" if host else DEFAULT_ENDPOINT
 
 
-class GcpSource(MetadataService):
-    """Preemption notices from the GCE metadata server.
-
-    Raises ValueError from the constructor when the endpoint is not an http(s) URL.
-    """
+class GcpSource(MetadataService, label="GCE metadata", root_path=METADATA_ROOT_PATH):
+    """Preemption notices from the GCE metadata server (its endpoint: the module note)."""
 
     name = "gcp"
     poll_interval = POLL_INTERVAL_S
-    label = "GCE metadata"
-    root_path = METADATA_ROOT_PATH
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = 0.5, poll_budget: float = 1.0) -> None:
         super().__init__(endpoint, timeout=timeout, poll_budget=poll_budget)

@@ -37,9 +37,9 @@ from typing import IO
 
 from runner import ops
 from runner.checkpoint.manifest import Manifest
-from runner.checkpoint.reader import CorruptSnapshotError, RunReader
+from runner.checkpoint.reader import CorruptSnapshotError, RunReader, newest_preferring_final as newest
 from runner.errors import ConfigError
-from runner.sim.drill.compare import compare_final, final_snapshot, newest
+from runner.sim.drill.compare import compare_final, final_snapshot
 from runner.sim.imds import ImdsSimulator
 from runner.sim.instance import Instance, Watched, instance_env, local_bucket, supervisor_argv, watch
 from runner.storage import Store

@@ -31,6 +31,11 @@ Control endpoints (POST; query parameters as shown)::
 Run it with ``python -m runner.sim.imds --notice-after 30`` (the CLI
 wires the same `main()` as ``runner imds-sim``) and point a source at it with
 ``AWS_EC2_METADATA_SERVICE_ENDPOINT=<the printed URL>``.
+
+Why it is long: one small HTTP server that plays all of IMDSv2 the
+sources read (tokens, spot and rebalance notices, the instance's identity,
+scripted faults) plus its command line; the parts only make sense
+together, and none of it is on the runtime path.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Owns the supervisor's reading of the store (the newest valid snapshot, a
 final one winning a tie) and the endings that need no process handling:
-finished, stopped for a peer node, storage failed.  The termination path is
+finished, stopped for a peer node, storage failed.  `newest` is
+checkpoint.reader.newest_preferring_final.  The termination path is
 in stopping.py; the status enum and exit codes in status.py.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from runner.checkpoint.manifest import Manifest
-from runner.checkpoint.reader import RunReader
+from runner.checkpoint.reader import RunReader, newest_preferring_final
 from runner.storage import StorageError, UnsupportedURLError
 from runner.supervisor.child import ChildExit
 from runner.supervisor.status import RunStatus
@@ -29,28 +30,13 @@ def step_of(manifest: Manifest | None) -> int:
     return manifest.step if manifest is not None else 0
 
 
-def newest(reader: RunReader) -> Manifest | None:
-    """The newest valid snapshot, a final one winning a tie at the same step; raises StorageError.
-
-    The tie is real: a script's last `ckpt.step(n)` may save periodically
-    and its `ckpt.save(n, final=True)` follows within the same second, and
-    snapshot ids order such twins by their random suffix.
-    """
-    found: Manifest | None = None
-    for manifest in reader.valid_snapshots():
-        if found is not None and manifest.step != found.step:
-            break
-        if found is None or manifest.final:
-            found = manifest
-        if manifest.final:
-            break
-    return found
+newest = newest_preferring_final  # the snapshot the next start resumes from (raises StorageError)
 
 
 def newest_or_none(reader: RunReader) -> Manifest | None:
     """`newest`, or None (logged) when the store cannot be listed: for messages on the way out."""
     try:
-        return newest(reader)
+        return newest_preferring_final(reader)
     except StorageError as exc:
         log.warning("cannot list the snapshots: %s", exc)
         return None

@@ -6,13 +6,13 @@ finished; start the child from the newest valid snapshot; react to its exit
 emergency snapshot, then stop; rebalance -> proactive snapshot); end with
 one status and its exit code (status.py).  Processes live in child.py,
 rules in policy.py, event sources in watchers.py, every wait in
-waiting.py, the termination path in stopping.py, the endings that need no
-process handling in endings.py.
+waiting.py, what a notice does to a running child in stopping.py, the
+endings that need no process handling in endings.py.
 
-The main thread blocks on one event queue (waiting.Events: notices, SIGCHLD,
-or a timeout it chose), so an idle supervisor costs nothing; it polls only while it waits
-for an acknowledgement (every 0.1 s, for seconds) or for a proactive save
-(every 0.5 s).
+The main thread blocks on one event queue (waiting.Events: notices,
+SIGCHLD, or a timeout it chose), so an idle supervisor costs nothing; it
+polls only while it waits for an acknowledgement (every 0.1 s, for
+seconds) or for a proactive save (every 0.5 s).
 
 How a termination is handled, against the deadline the notice gives (a
 bare SIGTERM/SIGINT/SIGHUP: now + --grace-seconds):
@@ -53,7 +53,6 @@ import threading
 import time
 from concurrent.futures import Future
 
-from runner import control
 from runner.checkpoint.manifest import Manifest
 from runner.checkpoint.reader import RunReader
 from runner.control.lease import ENV_LEASE_GENERATION
@@ -120,7 +119,7 @@ class Supervisor(Stopping):
         self._pending_save: tuple[str, Notice] | None = None
         self._plan: StopPlan | None = None
         self._ack_at: float | None = None  # epoch time the emergency ack was seen
-        self._peer_stop: dict | None = None  # the last child stopped for another node's notice (control.py)
+        self._peer_stop: dict | None = None  # the last child stopped for another node's notice (control/protocol.py)
         self.sync: DirSync | None = None  # directory-sync mode
         self.lease: LeaseKeeper | None = None
         self.cost: CostHook | NoCostHook = NoCostHook()  # the cost ledger (runner/cost/hook.py)
@@ -345,34 +344,6 @@ class Supervisor(Stopping):
             child.signal_group(signal.SIGKILL)
             self._wait_exit(child, time.monotonic() + 3.0)
         self._end_child(child)
-
-    # -- notices while the child runs (a termination: stopping.py) -------------------
-
-    def _rebalance(self, child: Child, notice: Notice) -> None:
-        if self.sync is not None:
-            log.info("%s: syncing %s at the next scan; training goes on", notice.detail, self.config.sync_dir)
-            self.sync.request()
-            return
-        if self._pending_save is not None:
-            log.info("%s: a proactive snapshot is already in flight", notice.detail)
-            return
-        # The file alone: the child polls it at step boundaries, as it would
-        # check a SIGUSR2 flag, and one request must not yield two snapshots.
-        request_id = child.channel.request(control.SAVE)
-        self._pending_save = (request_id, notice)
-        log.info("%s: asked the child for a proactive snapshot; training goes on", notice.detail)
-
-    def _check_pending_save(self, child: Child) -> None:
-        if self._pending_save is None:
-            return
-        request_id, notice = self._pending_save
-        ack = child.channel.ack(request_id)
-        if ack is None:
-            return
-        self._pending_save = None
-        self.proactive_saves += 1
-        log.info("proactive snapshot %s committed at step %s in %.1f s", ack.get("snapshot_id"), ack.get("step"),
-                 time.time() - notice.received_at)
 
     # -- the cost ledger (the logic is in runner/cost/hook.py) -------------------------
 

@@ -66,7 +66,7 @@ class RunStatus(enum.Enum):
     # renewed in time): the child was stopped without committing anything.
     LEASE_LOST = "lease-lost"
     # Multi-node: the job stopped, after a committed snapshot, because another
-    # node's supervisor got a termination notice (control.py, peer-stopped.json).
+    # node's supervisor got a termination notice (control/protocol.py, peer-stopped.json).
     PEER_STOPPED = "peer-stopped"
     # The child kept crashing and --max-restarts is used up.
     FAILED = "failed"

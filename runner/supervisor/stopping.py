@@ -1,11 +1,13 @@
-"""The termination path: from a notice to a committed emergency snapshot and a stopped child.
+"""The notices while a child runs: a termination (emergency snapshot, then stop) and a rebalance (proactive snapshot).
 
 Owns what run.py's module note lists as steps 1-4: ask the child for an
 emergency snapshot (control file + SIGUSR1 to its process group), wait for
 the acknowledgement until the deadline minus a reserve (policy.StopPlan),
 let the child exit, then SIGTERM, then SIGKILL; then decide from the store
 whether a snapshot was committed.  In --sync-dir mode the files in flight
-settle, DIR is committed, and the child gets --sync-signal instead.
+settle, DIR is committed, and the child gets --sync-signal instead.  A
+rebalance recommendation asks for one proactive snapshot (file only: the
+child polls it at step boundaries) and training goes on.
 
 Why a mixin of `Supervisor` and not a class of its own: every step reads and
 updates the supervisor's state (its child, its counters, its status, the
@@ -37,7 +39,33 @@ _MIN_NOTICE_S = 1.0  # a deadline already past still gets this long to save
 
 
 class Stopping:
-    """The `_preempt` half of `Supervisor` (see the module note)."""
+    """The notice half of `Supervisor` (see the module note)."""
+
+    def _rebalance(self, child: Child, notice: Notice) -> None:
+        if self.sync is not None:
+            log.info("%s: syncing %s at the next scan; training goes on", notice.detail, self.config.sync_dir)
+            self.sync.request()
+            return
+        if self._pending_save is not None:
+            log.info("%s: a proactive snapshot is already in flight", notice.detail)
+            return
+        # The file alone: the child polls it at step boundaries, as it would
+        # check a SIGUSR2 flag, and one request must not yield two snapshots.
+        request_id = child.channel.request(control.SAVE)
+        self._pending_save = (request_id, notice)
+        log.info("%s: asked the child for a proactive snapshot; training goes on", notice.detail)
+
+    def _check_pending_save(self, child: Child) -> None:
+        if self._pending_save is None:
+            return
+        request_id, notice = self._pending_save
+        ack = child.channel.ack(request_id)
+        if ack is None:
+            return
+        self._pending_save = None
+        self.proactive_saves += 1
+        log.info("proactive snapshot %s committed at step %s in %.1f s", ack.get("snapshot_id"), ack.get("step"),
+                 time.time() - notice.received_at)
 
     def _preempt(self, child: Child, notice: Notice) -> RunStatus:
         if self.sync is not None:

@@ -18,25 +18,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from runner.checkpoint.manifest import FileEntry, Manifest
-from runner.checkpoint.reader import CorruptSnapshotError, RunReader
+from runner.checkpoint.reader import CorruptSnapshotError, RunReader, newest_preferring_final
 from runner.sim.drill.report import ComponentResult
 
 _RNG_COMPONENT = "_rng"  # runner.checkpoint.state.RNG_COMPONENT (not imported: it needs torch)
 
 
-def newest(reader: RunReader) -> Manifest | None:
-    """The snapshot a supervisor resumes from: the newest valid, a final one winning a tie."""
-    best: Manifest | None = None
-    for manifest in reader.valid_snapshots():
-        if best is not None and manifest.step != best.step:
-            break
-        if best is None or manifest.final:
-            best = manifest
-    return best
-
-
 def final_snapshot(reader: RunReader) -> Manifest | None:
-    found = newest(reader)
+    found = newest_preferring_final(reader)
     return found if found is not None and found.final else None
 
 

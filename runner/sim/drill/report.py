@@ -28,6 +28,15 @@ class Interruption:
     resume_seconds: float | None = None  # from the next instance's start to its first step
     note: str = ""
 
+    def describe(self) -> str:
+        """One line for the drill's log."""
+        if not self.happened:
+            return self.note or f"{self.kind} did not happen (exit {self.exit_code})"
+        saved = f"emergency snapshot at step {self.emergency_step}" if self.emergency_step is not None \
+            else "no emergency snapshot"  # fmt: skip
+        return (f"{self.kind} at step {self.at_step}, runner start exited {self.exit_code}, {saved}; "
+                f"the next instance resumes from step {self.resumed_from} ({self.steps_lost} step(s) to redo)")
+
     def to_json(self) -> dict[str, Any]:
         return {
             "index": self.index, "kind": self.kind, "planned_step": self.planned_step, "happened": self.happened,

@@ -37,8 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from runner.checkpoint import layout
 from runner.checkpoint.manifest import Reason
-from runner.checkpoint.reader import CorruptSnapshotError, RunReader
-from runner.sim.drill.compare import compare_final, final_snapshot, newest
+from runner.checkpoint.reader import CorruptSnapshotError, RunReader, newest_preferring_final as newest
+from runner.sim.drill.compare import compare_final, final_snapshot
 from runner.sim.instance import Instance, Watched, instance_env, local_bucket, supervisor_argv, watch
 from runner.sim.drill.report import DrillReport, Interruption, RunResult
 from runner.errors import ConfigError
@@ -278,7 +278,7 @@ class _Drill:
             item.resumed_from = resume.step if resume else 0
             if item.reached_step is not None:
                 item.steps_lost = max(0, item.reached_step - item.resumed_from)
-        log.info("drill: instance %d: %s", self._count, _describe(item))
+        log.info("drill: instance %d: %s", self._count, item.describe())
         return item, seen
 
     def _compare(self) -> None:
@@ -385,15 +385,6 @@ def _nth_save(resume_step: int, target: int, interval: int | None, total: int) -
     if first <= total:
         return first // interval - resume_step // interval, first
     return total // interval - resume_step // interval + 1, total
-
-
-def _describe(item: Interruption) -> str:
-    if not item.happened:
-        return item.note or f"{item.kind} did not happen (exit {item.exit_code})"
-    saved = f"emergency snapshot at step {item.emergency_step}" if item.emergency_step is not None \
-        else "no emergency snapshot"  # fmt: skip
-    return (f"{item.kind} at step {item.at_step}, runner start exited {item.exit_code}, {saved}; "
-            f"the next instance resumes from step {item.resumed_from} ({item.steps_lost} step(s) to redo)")
 
 
 def run_drill(cfg: DrillConfig) -> DrillReport:

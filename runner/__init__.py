@@ -6,6 +6,8 @@
 
 The library's names are imported lazily, so that `runner start` and the other
 tools that never touch tensors do not pay for importing torch.
+
+Where everything lives, and who imports whom: docs/architecture.md.
 """
 
 from __future__ import annotations

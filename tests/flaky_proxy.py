@@ -6,7 +6,15 @@ AWS_ENDPOINT_URL, and forwards every request it does not fail.  Faults:
 - `500`: 500 InternalError, never reaches moto;
 - `reset`: the connection is reset before the request is forwarded;
 - `lost-reply`: the request is forwarded and applied, then the connection is
-  reset instead of the reply (the client cannot know the write happened).
+  reset instead of the reply (the client cannot know the write happened);
+- `stall`: the request is forwarded and applied, then the reply stalls: the
+  status line and headers are sent, the body is not, for `stall_seconds`,
+  then the connection is reset (a client read timeout shorter than that
+  sees a timed-out read);
+- `complete-fail`: a CompleteMultipartUpload (POST ...?uploadId=) is not
+  forwarded and is answered 200 OK with an InternalError body, as S3 does
+  when a complete fails after it has started replying; other requests are
+  never drawn for it.
 
 Which requests fail: the first `fail_first`, every one for which
 `fail(method, path)` is true (answered 503 ServiceUnavailable), and, with `faults`, a seeded
@@ -27,12 +35,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-KINDS = ("503", "500", "reset", "lost-reply")
+# New kinds go at the end: a plan's draws for the kinds before them stay the same.
+KINDS = ("503", "500", "reset", "lost-reply", "stall", "complete-fail")
 _ERRORS = {
     "503": (503, b"SlowDown", b"Please reduce your request rate."),
     "500": (500, b"InternalError", b"We encountered an internal error. Please try again."),
     "unavailable": (503, b"ServiceUnavailable", b"Service is unavailable, try again."),  # fail_first / fail
 }
+# S3 may answer a CompleteMultipartUpload 200 OK and still fail it: the error is in the body.
+_COMPLETE_FAILED = (200, b"InternalError", b"We encountered an internal error. Please try again.")
 
 
 @dataclass
@@ -61,8 +72,13 @@ class FaultPlan:
         for kind in KINDS:
             x -= self.rates.get(kind, 0.0)
             if x < 0:
-                return kind
+                return kind if kind != "complete-fail" or is_complete_multipart(method, path) else None
         return None
+
+
+def is_complete_multipart(method: str, path: str) -> bool:
+    """CompleteMultipartUpload: POST /bucket/key?uploadId=... (CreateMultipartUpload is POST ...?uploads)."""
+    return method == "POST" and "uploadId=" in urllib.parse.urlsplit(path).query
 
 
 class FlakyProxy:
@@ -79,13 +95,14 @@ class FlakyProxy:
 
     def __init__(self, upstream: str, fail_first: int = 0, fail: Callable[[str, str], bool] | None = None,
                  hold: Callable[[str, str], None] | None = None, faults: FaultPlan | None = None,
-                 before_forward: Callable[[str, str, bytes], None] | None = None):
+                 before_forward: Callable[[str, str, bytes], None] | None = None, stall_seconds: float = 5.0):
         self.upstream = urllib.parse.urlsplit(upstream)
         self.hold = hold or (lambda method, path: None)
         self.before_forward = before_forward or (lambda method, path, body: None)
         self.fail_first = fail_first
         self.fail = fail or (lambda method, path: False)
         self.faults = faults
+        self.stall_seconds = stall_seconds
         self.requests = 0
         self.log: list[str] = []
         self.counts: Counter[str] = Counter()
@@ -104,6 +121,9 @@ class FlakyProxy:
                 if kind in _ERRORS:
                     _send_error(self, *_ERRORS[kind])
                     return
+                if kind == "complete-fail":
+                    _send_error(self, *_COMPLETE_FAILED)
+                    return
                 if kind == "reset":
                     _reset(self)
                     return
@@ -112,6 +132,9 @@ class FlakyProxy:
                 status, headers, data = proxy._forward(self.command, self.path, self.headers, body)
                 if kind == "lost-reply":
                     _reset(self)
+                    return
+                if kind == "stall":
+                    _stall(self, status, headers, proxy.stall_seconds)
                     return
                 self.send_response(status)
                 for k, v in headers:
@@ -186,6 +209,23 @@ def _send_error(handler: BaseHTTPRequestHandler, status: int, code: bytes, messa
     handler.end_headers()
     if handler.command != "HEAD":
         handler.wfile.write(payload)
+
+
+def _stall(handler: BaseHTTPRequestHandler, status: int, headers, seconds: float) -> None:
+    """Send the status and headers of a reply whose body never comes; reset after `seconds`."""
+    handler.send_response(status)
+    for k, v in headers:
+        if k.lower() not in FlakyProxy.HOP:
+            handler.send_header(k, v)
+    handler.end_headers()
+    handler.wfile.flush()
+    # The client's read timeout ends the wait first when it is shorter; a dead client, the socket.
+    handler.connection.settimeout(seconds)
+    try:
+        handler.connection.recv(1)
+    except OSError:
+        pass
+    _reset(handler)
 
 
 def _reset(handler: BaseHTTPRequestHandler) -> None:

@@ -99,6 +99,7 @@ class Tally:
     never_committed: Counter = field(default_factory=Counter)  # a save in flight at the kill, per kill mode
     bitwise_mismatch: int = 0
     hygiene_failures: int = 0
+    supervisor_misread: int = 0  # a supervisor that saw committed manifests as vanished, or no final snapshot
     redone: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -395,7 +396,18 @@ class Run:
         self.note_committed(since)
         if proc.returncode != 0:
             self.tally.problem(f"run {self.plan.index}: final start exit {proc.returncode}; see {out.name}")
+        self.check_supervisor(Path(out.name))
         self.finish_checks(final)
+
+    def check_supervisor(self, log: Path) -> None:
+        """The supervisor of the finishing start saw the final snapshot the child committed, and no manifest vanish."""
+        text = log.read_text()
+        wrong = [line for line in text.splitlines()
+                 if "manifest vanished" in line or "without a final snapshot" in line]
+        if wrong:
+            with self.tally.lock:
+                self.tally.supervisor_misread += 1
+            self.tally.problem(f"run {self.plan.index}: the supervisor misread the bucket: {wrong[:2]}")
 
     def restore_verdict(self, seg: list[dict], newest: str | None, trial: int, kill: str,
                         killed_seg: list[dict]) -> None:
@@ -567,6 +579,7 @@ def table(t: Tally, args: argparse.Namespace) -> str:
         ("committed lost", str(t.committed_lost)),
         ("final state != uninterrupted", str(t.bitwise_mismatch)),
         ("bucket hygiene failures", str(t.hygiene_failures)),
+        ("supervisor misread the bucket", str(t.supervisor_misread)),
         ("mean work redone (steps)", f"{mean:.2f} over {len(t.redone)} resumes"),
     ]
     width = max(len(r[0]) for r in rows)
@@ -592,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in t.problems[:50]:
         print("problem:", line)
     print(f"logs: {work}")
-    bad = t.invalid_chosen + t.not_newest + t.committed_lost + t.bitwise_mismatch + t.hygiene_failures
+    bad = (t.invalid_chosen + t.not_newest + t.committed_lost + t.bitwise_mismatch + t.hygiene_failures
+           + t.supervisor_misread)
     return 1 if bad or t.problems else 0
 
 

@@ -34,6 +34,7 @@ def test_thirty_random_kills_through_failing_s3_never_lose_or_mistrust_a_snapsho
     assert tally.committed_lost == 0, tally.problems
     assert tally.bitwise_mismatch == 0, tally.problems
     assert tally.hygiene_failures == 0, tally.problems
+    assert tally.supervisor_misread == 0, tally.problems
     assert tally.problems == []
     assert tally.finished_runs == tally.runs
     # The subset exercised what it claims: kills at writer phases and on held requests, and injected faults.

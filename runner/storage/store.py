@@ -87,6 +87,7 @@ from fsspec.implementations.local import LocalFileSystem
 from runner.storage.errors import (
     ExclusiveCreateUnsupportedError,
     ObjectExistsError,
+    ObjectNotFoundError,
     StorageError,
     StoreNotFoundError,
     UnsupportedURLError,
@@ -514,11 +515,30 @@ class Store:
             self._call(self.fs.copy, self.path(src), self.path(dst), key=dst)
 
     def size(self, key: str) -> int:
-        info = self._call(self.fs.info, self.path(key), key=key)
+        path = self.path(key)
+        try:
+            info = self._call(self.fs.info, path, key=key)
+        except ObjectNotFoundError:
+            if self.is_local:
+                raise
+            self._forget(path)  # a cached listing is trusted for what it names, never for what it lacks
+            info = self._call(self.fs.info, path, key=key)
         return int(info["size"])
 
     def exists(self, key: str) -> bool:
-        return bool(self._call(self.fs.exists, self.path(key), key=key))
+        path = self.path(key)
+        if self._call(self.fs.exists, path, key=key):
+            return True
+        if self.is_local:
+            return False
+        # A "no" from a listing cached before the object was created (retention's last look
+        # before deleting data, a manifest read after a commit by another process): ask the store.
+        self._forget(path)
+        return bool(self._call(self.fs.exists, path, key=key))
+
+    def _forget(self, path: str) -> None:
+        """Drop fsspec's cached listings of `path`'s folders (list() fills them), so the next call asks the store."""
+        self.fs.invalidate_cache(path)
 
     def list(self, prefix: str = "", *, remember: bool = True) -> list[ObjectInfo]:
         """Every object under `prefix` (recursively), sorted by key; [] when none.

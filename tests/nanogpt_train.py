@@ -16,11 +16,20 @@ it preemptible.
 
 import argparse
 import os
+import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+
+def say(line: str) -> None:
+    """One line in one write: the supervisor's log shares the pipe, and print() writes the newline apart."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
 
 p = argparse.ArgumentParser()
 p.add_argument("--out_dir", default="out")
@@ -81,9 +90,9 @@ if args.init_from == "resume":
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        print(f"resuming from {ckpt_path} at iter {iter_num}", flush=True)
+        say(f"resuming from {ckpt_path} at iter {iter_num}")
     else:
-        print(f"no {ckpt_path}: starting from scratch", flush=True)
+        say(f"no {ckpt_path}: starting from scratch")
 os.makedirs(args.out_dir, exist_ok=True)
 
 while iter_num < args.max_iters:
@@ -94,11 +103,11 @@ while iter_num < args.max_iters:
     optimizer.step()
     iter_num += 1
     best_val_loss = min(best_val_loss, loss.item())
-    print(f"iter {iter_num} loss {loss.item().hex()}", flush=True)
+    say(f"iter {iter_num} loss {loss.item().hex()}")
     if iter_num % args.save_interval == 0:
         checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
                       "iter_num": iter_num, "best_val_loss": best_val_loss, "config": vars(args)}
         torch.save(checkpoint, ckpt_path)  # in place, like nanoGPT
-        print(f"saved ckpt.pt at iter {iter_num} at {time.time():.3f}", flush=True)
+        say(f"saved ckpt.pt at iter {iter_num} at {time.time():.3f}")
     time.sleep(args.sleep)
-print("training done", flush=True)
+say("training done")

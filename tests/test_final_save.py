@@ -85,3 +85,17 @@ def test_a_final_save_at_another_step_keeps_the_periodic_one(tmp_path: Path) -> 
     ckpt.save(3, final=True)
     ckpt.close()
     assert _snapshots(url) == [(3, "final"), (2, "periodic")]
+
+
+def test_the_superseded_periodic_snapshot_does_not_count_towards_keep_last(tmp_path: Path) -> None:
+    # 8 steps, a save every 2, keep 3: the final save at step 8 replaces step 8's periodic one, and
+    # retention keeps 3 snapshots (8 final, 6, 4), not 2.
+    url = str(tmp_path / "bucket")
+    parts = tiny.build()
+    ckpt = runner.Checkpointer(url, "exp", save_every_steps=2, keep_last=3, async_save=False, **parts.components())
+    for step in range(1, 9):
+        tiny.train_step(parts)
+        ckpt.step(step)
+    ckpt.save(8, final=True)
+    ckpt.close()
+    assert _snapshots(url) == [(8, "final"), (6, "periodic"), (4, "periodic")]

@@ -87,6 +87,7 @@ class Checkpointer:
         self.last_commit: CommitResult | None = None
         self.load_reports: dict[str, state.LoadReport] = {}
         self._last_saved_step: int | None = None
+        self._superseded: Manifest | None = None  # a same-step periodic snapshot the final save replaces
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> "Checkpointer":
@@ -316,13 +317,13 @@ class Checkpointer:
                 self._writer.wait()
             except StorageError as exc:
                 log.warning("the previous periodic save failed (%s); saving again now", exc)
-            same_step = self._same_step_periodic(step) if final else None
+            # Removed by _committed, before retention counts it as one of the snapshots kept.
+            self._superseded = self._same_step_periodic(step) if final else None
             if self._group is not None:
                 result = self._commit_sharded(step, epoch, metrics, chosen)
             else:
                 result = self._commit(self._capture(step, epoch, metrics, chosen))
-            if same_step is not None and (self._group is None or self._group.is_coordinator):
-                self._drop_superseded(same_step)
+            self._superseded = None
         if pin and (self._group is None or self._group.is_coordinator):
             self.pin(result.manifest.snapshot_id)
         if final:
@@ -443,6 +444,8 @@ class Checkpointer:
                                    write_s=result.write_seconds)  # for the cost ledger
         if not leader:
             return
+        if self._superseded is not None and manifest.reason is Reason.FINAL:
+            self._drop_superseded(self._superseded)
         try:
             retention.apply(self.reader, retention.plan(self.reader, self.policy,
                                                         protect={manifest.snapshot_id}))

@@ -129,6 +129,26 @@ def s3rver_bucket_url(s3rver_env: dict[str, str]) -> str:
     return f"s3://{name}/runs"
 
 
+@pytest.fixture
+def s3_proxy(s3_bucket_url: str, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+    """`start(**kwargs)` -> a FlakyProxy(**kwargs) in front of moto, set as this process's AWS_ENDPOINT_URL."""
+    from flaky_proxy import FlakyProxy
+
+    proxies: list[FlakyProxy] = []
+
+    def start(**kwargs) -> FlakyProxy:
+        proxy = FlakyProxy(s3_env["AWS_ENDPOINT_URL"], **kwargs).__enter__()
+        proxies.append(proxy)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        clear_caches()
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.__exit__()
+    clear_caches()
+
+
 @pytest.fixture(params=["local", "memory", "s3"])
 def bucket_url(request: pytest.FixtureRequest, tmp_path) -> str:
     """The storage contract runs against every backend."""

@@ -28,32 +28,13 @@ import pytest
 import torch
 
 import tiny_training
-from flaky_proxy import FaultPlan, FlakyProxy
+from flaky_proxy import FaultPlan
 from runner import Checkpointer, control
 from runner.checkpoint.writer import ConcurrentWriterError
-from runner.storage import clear_caches
 
 ALL_FAULTS = {"503": 0.08, "500": 0.06, "reset": 0.06, "lost-reply": 0.06}
 _DRAWING = ("random", "uniform", "randint", "randrange", "choice", "choices", "shuffle", "sample",
             "getrandbits", "gauss", "normalvariate", "seed", "setstate", "triangular", "expovariate")
-
-
-@pytest.fixture
-def proxied(s3_bucket_url: str, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
-    """`start(**proxy_kwargs)` -> a FlakyProxy in front of moto, set as this process's AWS_ENDPOINT_URL."""
-    proxies: list[FlakyProxy] = []
-
-    def start(**kwargs) -> FlakyProxy:
-        proxy = FlakyProxy(s3_env["AWS_ENDPOINT_URL"], **kwargs).__enter__()
-        proxies.append(proxy)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        clear_caches()
-        return proxy
-
-    yield start
-    for proxy in proxies:
-        proxy.__exit__()
-    clear_caches()
 
 
 def _streams() -> tuple[bytes, bytes, bytes]:
@@ -85,8 +66,8 @@ def draws(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def test_a_save_and_restore_through_failing_s3_leave_the_global_rng_streams_alone(
-        s3_bucket_url: str, proxied, draws: list[str]) -> None:
-    proxy = proxied(faults=FaultPlan(ALL_FAULTS, seed=16))
+        s3_bucket_url: str, s3_proxy, draws: list[str]) -> None:
+    proxy = s3_proxy(faults=FaultPlan(ALL_FAULTS, seed=16))
     parts = tiny_training.build(seed=3)
     random.seed(1), np.random.seed(2), torch.manual_seed(3)  # noqa: B018 (the calls are the point)
     draws.clear()
@@ -133,9 +114,9 @@ def _first_manifest_put_of_each_key():
 
 
 def test_a_lost_reply_to_the_manifest_create_still_commits(
-        s3_bucket_url: str, proxied, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        s3_bucket_url: str, s3_proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    proxy = proxied(faults=FaultPlan({"lost-reply": 1.0}, only=_first_manifest_put_of_each_key()))
+    proxy = s3_proxy(faults=FaultPlan({"lost-reply": 1.0}, only=_first_manifest_put_of_each_key()))
     control_dir = tmp_path / "control"
     monkeypatch.setenv(control.ENV_CONTROL_DIR, str(control_dir))
     supervisor = control.SupervisorChannel(str(control_dir))
@@ -166,7 +147,7 @@ def test_a_lost_reply_to_the_manifest_create_still_commits(
 
 
 def test_a_manifest_key_taken_by_another_writer_is_reported_not_taken_for_ours(
-        s3_bucket_url: str, s3_env: dict[str, str], proxied, caplog: pytest.LogCaptureFixture) -> None:
+        s3_bucket_url: str, s3_env: dict[str, str], s3_proxy, caplog: pytest.LogCaptureFixture) -> None:
     moto = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"])
     bucket = s3_bucket_url.split("/")[2]
     theirs = b'{"someone": "else"}'
@@ -175,7 +156,7 @@ def test_a_manifest_key_taken_by_another_writer_is_reported_not_taken_for_ours(
         if _manifest_puts(method, path):  # another writer gets there first
             moto.put_object(Bucket=bucket, Key=path.split("/", 2)[2].split("?")[0], Body=theirs)
 
-    proxy = proxied(before_forward=race, faults=FaultPlan({"lost-reply": 1.0}, only=_first_manifest_put_of_each_key()))
+    proxy = s3_proxy(before_forward=race, faults=FaultPlan({"lost-reply": 1.0}, only=_first_manifest_put_of_each_key()))
     parts = tiny_training.build(seed=5)
     ckpt = Checkpointer(s3_bucket_url, "raced", **parts.components())
     with pytest.raises(ConcurrentWriterError, match="created by another writer"):
@@ -193,12 +174,12 @@ def test_a_manifest_key_taken_by_another_writer_is_reported_not_taken_for_ours(
     ckpt.close()
 
 
-def test_the_request_retries_are_ours_not_botocores(s3_bucket_url: str, proxied) -> None:
+def test_the_request_retries_are_ours_not_botocores(s3_bucket_url: str, s3_proxy) -> None:
     # botocore's own retry modes draw their jitter from the global stream; a
     # user's retry count still applies, to our retries.
     from runner.storage import Store
 
-    proxy = proxied(fail_first=2)
+    proxy = s3_proxy(fail_first=2)
     store = Store(s3_bucket_url, {"config_kwargs": {"retries": {"total_max_attempts": 3}}})
     store.write_bytes("r/a", b"payload")
     assert proxy.requests == 3  # two 503s retried within the one request

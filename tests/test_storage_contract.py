@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from flaky_proxy import FlakyProxy
 from helpers import PYTHON, subprocess_env
 from runner.storage import (
     ExclusiveCreateUnsupportedError,
@@ -36,7 +35,6 @@ from runner.storage import (
     StoreUnreachableError,
     TransientStorageError,
     UnsupportedURLError,
-    clear_caches,
 )
 from runner.storage import errors
 
@@ -260,8 +258,8 @@ def test_exclusive_creates_unchecked_is_an_explicit_choice_that_is_logged(
 
 
 def test_a_store_with_conditional_writes_passes_the_probe_once_and_keeps_nothing(
-        s3_bucket_url: str, s3_env, flaky) -> None:
-    proxy = flaky(0)
+        s3_bucket_url: str, s3_env, s3_proxy) -> None:
+    proxy = s3_proxy(fail_first=0)
     store = Store(s3_bucket_url)
     store.check("run-1/")
     store.create_bytes("run-1/manifests/a.json", b"a")
@@ -436,34 +434,16 @@ def test_abort_stale_uploads_is_a_no_op_without_multipart(tmp_path: Path) -> Non
 # -- retries, over real HTTP --------------------------------------------------
 
 
-@pytest.fixture
-def flaky(s3_bucket_url: str, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
-    """`make(fail_first)` -> a proxy in front of moto, set as AWS_ENDPOINT_URL."""
-    proxies: list[FlakyProxy] = []
-
-    def make(fail_first: int) -> FlakyProxy:
-        proxy = FlakyProxy(s3_env["AWS_ENDPOINT_URL"], fail_first).__enter__()
-        proxies.append(proxy)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        clear_caches()
-        return proxy
-
-    yield make
-    for proxy in proxies:
-        proxy.__exit__()
-    clear_caches()
-
-
-def test_transient_503s_are_retried_with_default_settings(s3_bucket_url: str, flaky) -> None:
-    proxy = flaky(2)
+def test_transient_503s_are_retried_with_default_settings(s3_bucket_url: str, s3_proxy) -> None:
+    proxy = s3_proxy(fail_first=2)
     store = Store(s3_bucket_url, retry=RetryPolicy(base_delay=0.01))
     store.write_bytes("r/a", b"payload")
     assert proxy.requests >= 3
     assert store.read_bytes("r/a") == b"payload"
 
 
-def test_store_retry_wrapper_outlasts_503s_that_botocore_gives_up_on(s3_bucket_url: str, flaky) -> None:
-    proxy = flaky(3)
+def test_store_retry_wrapper_outlasts_503s_that_botocore_gives_up_on(s3_bucket_url: str, s3_proxy) -> None:
+    proxy = s3_proxy(fail_first=3)
     no_botocore_retries = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
     store = Store(s3_bucket_url, no_botocore_retries, retry=RetryPolicy(attempts=5, base_delay=0.01))
     store.write_bytes("r/a", b"payload")
@@ -471,8 +451,8 @@ def test_store_retry_wrapper_outlasts_503s_that_botocore_gives_up_on(s3_bucket_u
     assert store.read_bytes("r/a") == b"payload"
 
 
-def test_503s_that_never_stop_become_one_transient_error(s3_bucket_url: str, flaky) -> None:
-    proxy = flaky(10**6)
+def test_503s_that_never_stop_become_one_transient_error(s3_bucket_url: str, s3_proxy) -> None:
+    proxy = s3_proxy(fail_first=10**6)
     no_botocore_retries = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
     store = Store(s3_bucket_url, no_botocore_retries, retry=RetryPolicy(attempts=3, base_delay=0.01))
     with pytest.raises(TransientStorageError) as info:

@@ -53,7 +53,11 @@ def moto_endpoint() -> Iterator[str]:
 def s3_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Environment for the current process and for subprocesses that talk to moto."""
     urllib.request.urlopen(urllib.request.Request(f"{moto_endpoint}/moto-api/reset", method="POST"), timeout=10)
-    env = dict(S3_ENV, AWS_ENDPOINT_URL=moto_endpoint)
+    return _point_at(dict(S3_ENV, AWS_ENDPOINT_URL=moto_endpoint), monkeypatch)
+
+
+def _point_at(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Set `env` (credentials, region, AWS_ENDPOINT_URL) for this process, drop other AWS identities; returns it."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
@@ -104,13 +108,7 @@ def s3rver_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def s3rver_env(s3rver_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Environment for this process and its subprocesses that talk to s3rver."""
-    env = dict(S3RVER_ENV, AWS_ENDPOINT_URL=s3rver_endpoint)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(key, raising=False)
-    clear_caches()
-    return env
+    return _point_at(dict(S3RVER_ENV, AWS_ENDPOINT_URL=s3rver_endpoint), monkeypatch)
 
 
 def s3_client(env: dict[str, str]):
@@ -152,6 +150,11 @@ def s3_proxy(s3_bucket_url: str, s3_env: dict[str, str], monkeypatch: pytest.Mon
 @pytest.fixture(params=["local", "memory", "s3"])
 def bucket_url(request: pytest.FixtureRequest, tmp_path) -> str:
     """The storage contract runs against every backend."""
+    return backend_url(request, tmp_path)
+
+
+def backend_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    """A fresh bucket URL of the backend `request.param` names: local, memory, or `<name>_bucket_url`'s server."""
     if request.param == "local":
         return str(tmp_path / "bucket")
     if request.param == "memory":
@@ -160,7 +163,7 @@ def bucket_url(request: pytest.FixtureRequest, tmp_path) -> str:
         MemoryFileSystem.store.clear()
         MemoryFileSystem.pseudo_dirs[:] = [""]
         return f"memory://bucket-{uuid.uuid4().hex[:8]}"
-    return request.getfixturevalue("s3_bucket_url")
+    return request.getfixturevalue(f"{request.param}_bucket_url")
 
 
 @pytest.fixture(autouse=True)

@@ -17,11 +17,11 @@ import random
 import signal
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
+from conftest import backend_url
 from helpers import PYTHON, subprocess_env
 from runner.storage import (
     ExclusiveCreateUnsupportedError,
@@ -44,15 +44,7 @@ MiB = 2**20
 @pytest.fixture(params=["local", "memory", "s3", "s3rver"])
 def bucket_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """conftest's backends, and s3rver: a second S3 implementation."""
-    if request.param == "local":
-        return str(tmp_path / "bucket")
-    if request.param == "memory":
-        from fsspec.implementations.memory import MemoryFileSystem
-
-        MemoryFileSystem.store.clear()
-        MemoryFileSystem.pseudo_dirs[:] = [""]
-        return f"memory://bucket-{uuid.uuid4().hex[:8]}"
-    return request.getfixturevalue(f"{request.param}_bucket_url")
+    return backend_url(request, tmp_path)
 
 
 def _backend(request: pytest.FixtureRequest) -> str:

@@ -103,8 +103,12 @@ class Supervisor:
         settings.update(config)
         env = {k: v for k, v in subprocess_env().items() if not k.startswith("RUNNER_")}
         env["PYTHONUNBUFFERED"] = "1"
-        self.proc = subprocess.Popen([PYTHON, "-c", SUPERVISE, json.dumps(settings)], cwd=cwd, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        self._watch(subprocess.Popen([PYTHON, "-c", SUPERVISE, json.dumps(settings)], cwd=cwd, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+
+    def _watch(self, proc: subprocess.Popen) -> None:
+        """Collect `proc`'s output (a text pipe) line by line, on a thread; subclasses start other commands."""
+        self.proc = proc
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -42,17 +42,11 @@ class RunnerStart(Supervisor):
     """`python -m runner start ... -- python transformers_train.py ...` in a fresh, empty folder."""
 
     def __init__(self, tmp_path: Path, name: str, flags: list[str], script_args: list[str]):
-        import threading
-
         cwd = tmp_path / name
         cwd.mkdir()
         cmd = [PYTHON, "-m", "runner", "start", *flags, "--", PYTHON, SCRIPT, *script_args]
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._watch(subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True))
 
 
 def _losses(output: str) -> dict[int, str]:

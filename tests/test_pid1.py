@@ -23,17 +23,16 @@ since CI runs as root with tini installed (.ci/run) and must exercise them.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from helpers import PYTHON, subprocess_env
+from supervisor_harness import Supervisor
 from runner.checkpoint import RunReader
 from runner.storage import Store, clear_caches
 
@@ -123,41 +122,15 @@ def _members(ns: str) -> dict[int, tuple[int, str]]:
     return out
 
 
-class _Entrypoint:
+class _Entrypoint(Supervisor):
     """`unshare --pid --fork --mount-proc ENTRYPOINT...`, its output collected line by line."""
 
     def __init__(self, argv: list[str], cwd: Path):
         env = {k: v for k, v in subprocess_env().items() if not k.startswith("RUNNER_")}
         env["PYTHONUNBUFFERED"] = "1"
         cwd.mkdir()
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match:
-        regex, end = re.compile(pattern), time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    if match := regex.search(line):
-                        return match
-                if time.monotonic() > end or self.proc.poll() is not None:
-                    raise AssertionError(f"no line matching {pattern!r}; output:\n{self.output}")
-                self._cond.wait(0.2)
+        self._watch(subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True))
 
     def init_pid(self) -> int:
         """Host pid of the namespace's PID 1: the process unshare forked."""
@@ -171,14 +144,6 @@ class _Entrypoint:
                 return int(children[0])
             time.sleep(0.02)
         raise AssertionError(f"unshare started no child; output:\n{self.output}")
-
-    def finish(self, timeout: float = 60.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"still running after {timeout} s; output:\n{self.output}") from None
 
 
 def _wait_until(predicate, timeout: float) -> bool:
@@ -218,9 +183,9 @@ def test_docker_stop_of_the_entrypoint_as_pid_1_commits_an_emergency_snapshot_an
     ns = _ns(init_pid)
     assert ns is not None and ns != _ns(os.getpid()), "PID 1 is in a namespace of its own"
 
-    found = run.wait_for(r"^child: pid (\d+) worker (\d+) daemon (\d+)$")
-    orphan = int(run.wait_for(r"^child: orphan (\d+)$").group(1))
-    run.wait_for(r"^step 10$")
+    found = run.wait_for(r"^child: pid (\d+) worker (\d+) daemon (\d+)$", timeout=60)
+    orphan = int(run.wait_for(r"^child: orphan (\d+)$", timeout=60).group(1))
+    run.wait_for(r"^step 10$", timeout=60)
     members = _members(ns)
     by_ns_pid = {ns_pid: host for host, (ns_pid, _) in members.items()}
     assert by_ns_pid.get(1) == init_pid, members
@@ -249,5 +214,5 @@ def test_docker_stop_of_the_entrypoint_as_pid_1_commits_an_emergency_snapshot_an
     clear_caches()
     snapshots = list(RunReader(Store(bucket), RUN).valid_snapshots())
     assert snapshots and snapshots[0].reason.value == "emergency", (snapshots, run.output)
-    stopped = int(run.wait_for(r"^child: stopping at step (\d+)$").group(1))
+    stopped = int(run.wait_for(r"^child: stopping at step (\d+)$", timeout=60).group(1))
     assert snapshots[0].step == stopped, run.output

@@ -79,7 +79,7 @@ class Checkpointer:
         self._writer = BackgroundWriter(self._commit)
         # The last capture's memory, lent to the writer while it writes and copied
         # into by the next capture: a 3-4x shorter stall, for one host copy of the state kept.
-        self._host_buffers = state.HostBuffers() if self.settings.keep_host_copy else None
+        self._host_buffers = _host_buffers(self.settings.keep_host_copy)
         self.epoch = 0
         self.metrics: dict[str, float] = {}
         self.finished = False
@@ -528,6 +528,13 @@ def _job_group() -> Any:
     from runner.checkpoint import sharded
 
     return sharded.Group()
+
+
+def _host_buffers(keep: bool | None) -> state.HostBuffers | None:
+    """The kept host copy: always (True), never (False), or up to a share of physical memory (None)."""
+    if keep is False:
+        return None
+    return state.HostBuffers(None if keep else state.host_copy_limit())
 
 
 def _world_size() -> int:

@@ -25,8 +25,9 @@ class CheckpointSettings(BaseModel):
     async_save: bool = True
     strict: bool = True
     # Keep the host copy of the state between saves and copy into it (faster
-    # stalls); turn off when the state is too large to hold twice in host memory.
-    keep_host_copy: bool = True
+    # stalls) at the cost of a second copy in host memory.  None: keep it when the
+    # state is at most a quarter of physical memory (state.HOST_COPY_RAM_FRACTION).
+    keep_host_copy: bool | None = None
 
     @field_validator("resume")
     @classmethod

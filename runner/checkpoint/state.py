@@ -13,7 +13,10 @@ previous capture's tensors when a tensor's shape, dtype and strides match, and
 CUDA tensors go to pinned buffers with asynchronous copies and one synchronize.
 The buffers are lent to the writer with the capture and given back when the
 snapshot is written, so a capture never overwrites a snapshot being written:
-with the buffers out, it allocates fresh memory instead.
+with the buffers out, it allocates fresh memory instead.  Keeping them costs
+one more copy of the state in host memory between saves, so by default
+(`keep_host_copy=None`) a state over a quarter of physical memory is not kept
+(`HOST_COPY_RAM_FRACTION`; True keeps any size, False never keeps).
 
 Why `serialize_to` streams into a file: `torch.save` into `io.BytesIO` copies
 every byte under the GIL, stalling the training thread for most of the
@@ -28,6 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import os
 import pickle
 import random
 import re
@@ -43,6 +48,11 @@ import torch
 from runner.errors import StateMismatchError, UnsafeDataError
 
 RNG_COMPONENT = "_rng"
+# keep_host_copy=None (the default) keeps the host copy of a state up to this share of
+# physical memory: two copies of it then fit beside the rest of a training process.
+HOST_COPY_RAM_FRACTION = 0.25
+
+log = logging.getLogger("runner.checkpoint")
 
 
 class Stateful(Protocol):
@@ -95,11 +105,17 @@ class HostBuffers:
     failed).  A capture that finds it empty (the first, or one while a write is
     in flight) allocates fresh memory, so reuse can never alias a snapshot that
     is still being written.
+
+    `limit_bytes`: a capture whose tensors hold more than this is not kept
+    (the next capture allocates fresh memory, and between saves the process
+    holds one copy of the state instead of two).  None keeps any size.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit_bytes: int | None = None) -> None:
         self._lock = threading.Lock()
         self._free: dict[str, Any] | None = None
+        self.limit_bytes = limit_bytes
+        self.refused_bytes: int | None = None  # the size of the last capture too large to keep
 
     def take(self) -> dict[str, Any] | None:
         with self._lock:
@@ -107,8 +123,39 @@ class HostBuffers:
             return free
 
     def give_back(self, captured: dict[str, Any]) -> None:
+        size = tensor_bytes(captured) if self.limit_bytes is not None else 0
+        if self.limit_bytes is not None and size > self.limit_bytes:
+            if self.refused_bytes is None:
+                log.info("the captured state (%.1f GiB) is over the host copy limit (%.1f GiB): "
+                         "not kept between saves", size / 2**30, self.limit_bytes / 2**30)
+            self.refused_bytes = size
+            captured = None
         with self._lock:
             self._free = captured
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor in a (nested) state."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def host_copy_limit(fraction: float | None = None) -> int | None:
+    """The default limit of a kept host copy: `fraction` (default HOST_COPY_RAM_FRACTION) of physical memory.
+
+    None when the machine does not say how much memory it has.
+    """
+    fraction = HOST_COPY_RAM_FRACTION if fraction is None else fraction
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return int(total * fraction) if total > 0 else None
 
 
 class _Copier:

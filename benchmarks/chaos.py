@@ -30,7 +30,11 @@ uninterrupted run's; `runner verify --json` is clean; after `runner gc
 --orphan-age 0` no data without a manifest and no multipart upload is left;
 every ledger record parses.
 
-    python benchmarks/chaos.py --seed 1 --trials 1000 --fault-rate 0.05 --jobs 2
+    python benchmarks/chaos.py --seed 1 --trials 1000 --fault-rate 0.05 --jobs 2 --work DIR
+
+SIGTERM or ^C stops it after the runs in flight, with the table of what ran.
+Started again with the same arguments and `--work DIR`, it reads back the
+runs already checked (each run's `tally.json`) and runs the rest.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,6 +114,21 @@ class Tally:
     def problem(self, text: str) -> None:
         with self.lock:
             self.problems.append(text)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "Tally":
+        counters = {k: Counter(raw[k]) for k in ("kills", "kills_missed", "faults", "never_committed")}
+        return cls(**{**raw, **counters})
+
+    def merge(self, other: "Tally") -> None:
+        """Add one run's tally to the campaign's."""
+        with self.lock:
+            for name, value in other.to_json().items():
+                if name != "seconds":
+                    setattr(self, name, getattr(self, name) + value)
 
 
 # -- planning -------------------------------------------------------------------------------
@@ -225,7 +245,7 @@ class Run:
     def __init__(self, plan: RunPlan, s3: MotoS3, work: Path, fault_rate: float, tally: Tally,
                  references: dict, reference_lock: threading.Lock):
         self.plan, self.s3, self.tally = plan, s3, tally
-        self.work = work / f"run{plan.index:05d}"
+        self.work = work / _run_folder(plan)
         self.work.mkdir(parents=True)
         self.log = self.work / "events.jsonl"
         self.bucket_name = s3.new_bucket(f"chaos{plan.index}")
@@ -549,34 +569,68 @@ def reference_run(work: Path, ranks: int, blob_mb: float, steps: int) -> list[st
     return [e["fingerprint"] for e in finished]
 
 
+def _run_folder(plan: RunPlan) -> str:
+    return f"run{plan.index:05d}"
+
+
+def _read_back(work: Path, plan: RunPlan, tally: Tally) -> bool:
+    """Add a run checked by an earlier start of this campaign to `tally`; False when it must run (again)."""
+    folder = work / _run_folder(plan)
+    saved = folder / "tally.json"
+    if saved.exists():
+        tally.merge(Tally.from_json(json.loads(saved.read_text())))
+        return True
+    shutil.rmtree(folder, ignore_errors=True)  # stopped mid-run: run it again from the start
+    return False
+
+
 def campaign(seed: int, trials: int, fault_rate: float, jobs: int, two_rank_share: float, big_share: float,
              work: Path, time_limit: float) -> Tally:
-    """Run every planned run (`jobs` at a time); stops starting new runs after `time_limit` seconds."""
+    """Run every planned run (`jobs` at a time); stops starting new runs after `time_limit` seconds or SIGTERM.
+
+    Each run's tally is kept in its folder (`tally.json`), so a campaign
+    stopped early goes on where it stopped when started again on the same
+    `work` folder with the same arguments: checked runs are read back, not run.
+    """
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     tally, references, ref_lock = Tally(), {}, threading.Lock()
     plans = plan_runs(seed, trials, two_rank_share, big_share)
     began = time.monotonic()
-    todo = list(reversed(plans))
-    todo_lock = threading.Lock()
+    todo = list(reversed([p for p in plans if not _read_back(work, p, tally)]))
+    todo_lock, stop = threading.Lock(), threading.Event()
+    # SIGTERM or ^C: finish the runs in flight, start no more (and print the table).
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
 
     def worker(s3: MotoS3) -> None:
-        while time.monotonic() - began < time_limit:
+        while time.monotonic() - began < time_limit and not stop.is_set():
             with todo_lock:
                 if not todo:
                     return
                 plan = todo.pop()
+            own = Tally()
             try:
-                Run(plan, s3, work, fault_rate, tally, references, ref_lock).execute()
+                Run(plan, s3, work, fault_rate, own, references, ref_lock).execute()
             except Exception as exc:  # a broken harness must show, not stop the other runs
-                tally.problem(f"run {plan.index}: harness error {type(exc).__name__}: {exc}")
+                own.problem(f"run {plan.index}: harness error {type(exc).__name__}: {exc}")
+            folder = work / _run_folder(plan)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "tally.json").write_text(json.dumps(own.to_json()))
+            tally.merge(own)
 
     with MotoS3() as s3:
         threads = [threading.Thread(target=worker, args=(s3,), daemon=True) for _ in range(max(1, jobs))]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
-    tally.seconds = time.monotonic() - began
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)  # a signal handler runs between joins
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    with (work / "starts.jsonl").open("a") as f:  # a campaign started again adds its time to the earlier ones
+        f.write(json.dumps({"seconds": time.monotonic() - began}) + "\n")
+    tally.seconds = sum(json.loads(line)["seconds"] for line in (work / "starts.jsonl").read_text().splitlines())
     tally.not_started = sum(len(p.kills) for p in todo)
     return tally
 
@@ -591,7 +645,7 @@ def table(t: Tally, args: argparse.Namespace) -> str:
                                    f"{t.finished_at_kill} finished by the killed start), {t.seconds:.0f} s"),
         ("kills per mode", ", ".join(f"{k} {v}" for k, v in sorted(t.kills.items()))),
         ("kill moment never came", ", ".join(f"{k} {v}" for k, v in sorted(t.kills_missed.items())) or "0"),
-        ("planned, not run", f"{t.dropped} (run already finished), {t.not_started} (time limit)"),
+        ("planned, not run", f"{t.dropped} (run already finished), {t.not_started} (time limit or stopped)"),
         ("faults per kind", ", ".join(f"{k} {v}" for k, v in sorted(t.faults.items()))
          + f" (of {t.requests} requests)"),
         ("save due/in flight, never committed", ", ".join(f"{k} {v}" for k, v in sorted(t.never_committed.items()))

@@ -14,7 +14,11 @@ AWS_ENDPOINT_URL, and forwards every request it does not fail.  Faults:
 - `complete-fail`: a CompleteMultipartUpload (POST ...?uploadId=) is not
   forwarded and is answered 200 OK with an InternalError body, as S3 does
   when a complete fails after it has started replying; other requests are
-  never drawn for it.
+  never drawn for it;
+- `no-such-upload`: a CompleteMultipartUpload is not forwarded and is
+  answered 404 NoSuchUpload, as S3 answers the retry of a complete that
+  succeeded once the upload id is gone (moto answers such a retry with the
+  object instead); other requests are never drawn for it.
 
 Which requests fail: the first `fail_first`, every one for which
 `fail(method, path)` is true (answered 503 ServiceUnavailable), and, with `faults`, a seeded
@@ -36,7 +40,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # New kinds go at the end: a plan's draws for the kinds before them stay the same.
-KINDS = ("503", "500", "reset", "lost-reply", "stall", "complete-fail")
+KINDS = ("503", "500", "reset", "lost-reply", "stall", "complete-fail", "no-such-upload")
+_COMPLETE_ONLY = ("complete-fail", "no-such-upload")
 _ERRORS = {
     "503": (503, b"SlowDown", b"Please reduce your request rate."),
     "500": (500, b"InternalError", b"We encountered an internal error. Please try again."),
@@ -44,6 +49,7 @@ _ERRORS = {
 }
 # S3 may answer a CompleteMultipartUpload 200 OK and still fail it: the error is in the body.
 _COMPLETE_FAILED = (200, b"InternalError", b"We encountered an internal error. Please try again.")
+_NO_SUCH_UPLOAD = (404, b"NoSuchUpload", b"The specified multipart upload does not exist.")
 
 
 @dataclass
@@ -72,7 +78,7 @@ class FaultPlan:
         for kind in KINDS:
             x -= self.rates.get(kind, 0.0)
             if x < 0:
-                return kind if kind != "complete-fail" or is_complete_multipart(method, path) else None
+                return kind if kind not in _COMPLETE_ONLY or is_complete_multipart(method, path) else None
         return None
 
 
@@ -123,6 +129,9 @@ class FlakyProxy:
                     return
                 if kind == "complete-fail":
                     _send_error(self, *_COMPLETE_FAILED)
+                    return
+                if kind == "no-such-upload":
+                    _send_error(self, *_NO_SUCH_UPLOAD)
                     return
                 if kind == "reset":
                     _reset(self)

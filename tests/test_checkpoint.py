@@ -373,17 +373,21 @@ def test_a_save_whose_upload_fails_commits_nothing_and_leaves_no_spool(
     parts = tiny.build()
     ckpt = _ckpt(bucket_url, **parts.components())
     ckpt.save(1)
-    real_write_file = Store.write_file
+    real_open_upload = Store.open_upload
 
-    def optimizer_fails(self: Store, key: str, local_path: str) -> None:
+    def optimizer_fails(self: Store, key: str):
+        upload = real_open_upload(self, key)  # a real upload (S3: parts already sent) whose commit fails
         if key.endswith("/optimizer.pt"):
-            raise StorageError("the upload failed")
-        real_write_file(self, key, local_path)
+            def fail() -> None:
+                upload.abort()
+                raise StorageError("the upload failed")
+            upload.commit = fail
+        return upload
 
-    monkeypatch.setattr(Store, "write_file", optimizer_fails)
+    monkeypatch.setattr(Store, "open_upload", optimizer_fails)
     with pytest.raises(StorageError):
         ckpt.save(2)
-    monkeypatch.setattr(Store, "write_file", real_write_file)
+    monkeypatch.setattr(Store, "open_upload", real_open_upload)
     spools = [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"runner-spool-{os.getpid()}-")]
     assert spools == []
     if not bucket_url.startswith(("s3:", "memory:")):

@@ -18,10 +18,12 @@ one more copy of the state in host memory between saves, so by default
 (`keep_host_copy=None`) a state over a quarter of physical memory is not kept
 (`HOST_COPY_RAM_FRACTION`; True keeps any size, False never keeps).
 
-Why `serialize_to` streams into a file: `torch.save` into `io.BytesIO` copies
-every byte under the GIL, stalling the training thread for most of the
-serialization; into a file through a small hashing writer, the file writes and
-SHA-256 of large buffers release the GIL.
+Why `serialize_into` streams into a file object: `torch.save` into
+`io.BytesIO` copies every byte under the GIL and holds the whole file in
+memory; through a small hashing writer into a store's upload (`Store.open_upload`:
+multipart parts sent while serialization goes on, or a spool file) the SHA-256
+of large buffers and the file writes release the GIL, and on S3 the bytes are
+on their way before `torch.save` returns.
 
 RNG streams (python, numpy, torch CPU, every CUDA device) are captured as an
 implicit component named `_rng`, in forms `weights_only` accepts.
@@ -277,22 +279,29 @@ class _HashingWriter:
     def __init__(self, file: Any):
         self.file = file
         self.sha256 = hashlib.sha256()
+        self.size = 0
 
     def write(self, data: Any) -> int:
         self.sha256.update(data)  # releases the GIL for buffers over 2 KiB, as the file write does
-        return self.file.write(data)
+        written = self.file.write(data)  # bytes, as a file's write returns
+        self.size += written
+        return written
 
     def flush(self) -> None:
         self.file.flush()
 
 
+def serialize_into(state: Any, file: Any) -> tuple[int, str]:
+    """`serialize(state)` streamed into the writable file object `file` (the same bytes); returns (size, SHA-256 hex)."""
+    writer = _HashingWriter(file)
+    torch.save(state, writer)
+    return writer.size, writer.sha256.hexdigest()
+
+
 def serialize_to(state: Any, path: str) -> tuple[int, str]:
-    """`serialize(state)` streamed into the file `path` (the same bytes); returns (size, SHA-256 hex)."""
+    """`serialize(state)` streamed into the file `path`; returns (size, SHA-256 hex)."""
     with open(path, "wb") as f:
-        writer = _HashingWriter(f)
-        torch.save(state, writer)
-        size = f.tell()
-    return size, writer.sha256.hexdigest()
+        return serialize_into(state, f)
 
 
 def deserialize(data: bytes, map_location: Any = "cpu") -> Any:

@@ -10,12 +10,17 @@ by retention once stale); a kill after it leaves a complete snapshot.
 flight: the training loop pays for the host copy only.
 
 How a snapshot's data is written: the writer thread serializes one component
-after another, each streamed into a spool file while it is hashed
-(`state.serialize_to`), and hands each file to a few publishing threads
-(`Store.write_file`: an upload, or on a local store an fsync and a rename), so
-that the next component is serialized while the previous ones are uploaded.
-The first file is published before any other is handed over, so a kill at
-`mid-data` leaves exactly one data file, as when files were written one by one.
+after another, each hashed as it is streamed into the store's upload for its
+key (`state.serialize_into` into `Store.open_upload`): on S3 the bytes leave
+as multipart parts while serialization goes on, no spool file; on a local
+store they go into the key's `.tmp-` sibling.  Nothing is visible yet.  Each
+finished upload is handed to a few publishing threads (`Upload.commit`:
+the last parts and CompleteMultipartUpload, or an fsync and a rename), so the
+next component is serialized while the previous ones are published.  The
+first file is published before any other is handed over, so a kill at
+`mid-data` leaves exactly one data file, as when files were written one by one
+(a later component's parts may already be out then: an incomplete multipart
+upload, which no listing shows).
 When the data is written (or has failed), the capture's host memory is handed
 back (`PendingSnapshot.release`) for the next capture to copy into.
 
@@ -47,13 +52,14 @@ import torch
 from runner.control import lease
 from runner.checkpoint import layout, state
 from runner.checkpoint.manifest import FORMAT_VERSION, SHARDED_FORMAT_VERSION, FileEntry, Manifest, Reason
-from runner.storage import ObjectExistsError, Store
+from runner.storage import ObjectExistsError, Store, Upload
 
 FAULT_ENV = "RUNNER_FAULT_KILL_AT"
 PHASES = ("before-data", "mid-data", "before-manifest", "after-manifest")
 
 # Data files published at once while the writer thread serializes the next component.
 # Local stores too: an fsync of the previous file overlaps the next serialization.
+# (On S3 the parts of all of them share the store's PARTS_IN_FLIGHT, storage/upload.py.)
 _PUBLISH_THREADS = 4
 
 
@@ -155,20 +161,18 @@ class _DataFile:
     entry: FileEntry
     key: str
     data: bytes | None = None  # raw bytes, written as they are
-    spool: str | None = None  # or a spool file, published with Store.write_file
+    upload: Upload | None = None  # or a finished upload, published by its commit
 
     def publish(self, store: Store) -> None:
-        try:
-            if self.spool is None:
-                store.write_bytes(self.key, self.data or b"")
-            else:
-                store.write_file(self.key, self.spool)
-        finally:
-            self.discard()
+        if self.upload is None:
+            store.write_bytes(self.key, self.data or b"")
+        else:
+            self.upload.commit()  # aborts itself on failure
 
     def discard(self) -> None:
-        if self.spool is not None:
-            Store.discard_spool(self.spool)
+        """Publish nothing of it (a no-op once published)."""
+        if self.upload is not None:
+            self.upload.abort()
 
 
 def _prepare(store: Store, run_id: str, sid: str, name: str, payload: Any) -> _DataFile:
@@ -181,13 +185,14 @@ def _prepare(store: Store, run_id: str, sid: str, name: str, payload: Any) -> _D
         return _DataFile(entry, layout.data_key(run_id, sid, path), data=data)
     path = component_file(name)
     key = layout.data_key(run_id, sid, path)
-    spool = store.spool_path(key)
+    upload = store.open_upload(key)
     try:
-        size, digest = state.serialize_to(payload, spool)
+        size, digest = state.serialize_into(payload, upload)
+        upload.finish()
     except BaseException:
-        Store.discard_spool(spool)
+        upload.abort()
         raise
-    return _DataFile(FileEntry(path=path, size=size, sha256=digest, component=name), key, spool=spool)
+    return _DataFile(FileEntry(path=path, size=size, sha256=digest, component=name), key, upload=upload)
 
 
 def _write_data(store: Store, run_id: str, sid: str, pending: PendingSnapshot, save_number: int) -> list[FileEntry]:

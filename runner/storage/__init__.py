@@ -1,4 +1,4 @@
-"""Storage: the only code that imports fsspec/botocore (see store.py, errors.py)."""
+"""Storage: the only code that imports fsspec/botocore (see store.py, upload.py, errors.py)."""
 
 from runner.storage.errors import (
     ExclusiveCreateUnsupportedError,
@@ -12,6 +12,7 @@ from runner.storage.errors import (
     UnsupportedURLError,
 )
 from runner.storage.store import ObjectInfo, RetryPolicy, Store, clear_caches, parse_storage_options
+from runner.storage.upload import Upload
 
 __all__ = [
     "ExclusiveCreateUnsupportedError",
@@ -26,6 +27,7 @@ __all__ = [
     "StoreUnreachableError",
     "TransientStorageError",
     "UnsupportedURLError",
+    "Upload",
     "clear_caches",
     "parse_storage_options",
 ]

@@ -97,6 +97,7 @@ from runner.storage.errors import (
     retryable_request_error,
     translate,
 )
+from runner.storage.upload import PARTS_IN_FLIGHT, S3Upload, SpoolUpload, Upload
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -279,7 +280,8 @@ class Store:
             ) from None
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
-        self._is_s3 = hasattr(self.fs, "call_s3")  # s3fs: multipart part size, bulk deletes
+        self._is_s3 = hasattr(self.fs, "call_s3")  # s3fs: multipart part size, bulk deletes, streaming uploads
+        self._part_slots = threading.BoundedSemaphore(PARTS_IN_FLIGHT)  # every streaming upload's parts in flight
 
     # -- paths -------------------------------------------------------------
 
@@ -350,6 +352,18 @@ class Store:
             self._call(self._local_write, path, data, exclusive=False, key=key)
         else:
             self._call(self.fs.pipe_file, path, data, key=key, **self._chunking())
+
+    def open_upload(self, key: str) -> Upload:
+        """A file object to write `key`'s bytes into, published whole at `commit()` (upload.py).
+
+        S3: the bytes stream out as multipart parts while they are written, and
+        nothing is visible before the commit; any failure aborts the upload.
+        Other stores: a spool file (`spool_path`) that `write_file` publishes.
+        As a context manager it commits on a normal exit and aborts on an exception.
+        """
+        if self._is_s3:
+            return S3Upload(self.fs, self.path(key), self.url, key, self.retry, self._part_slots, _UPLOAD_CHUNK)
+        return SpoolUpload(self, key)
 
     def spool_path(self, key: str) -> str:
         """A fresh local path to write `key`'s bytes into, for `write_file(key, path)` to publish.

@@ -26,10 +26,10 @@ import torch
 
 from runner import control
 from runner.control import lease
-from runner.checkpoint import layout, retention, state
+from runner.checkpoint import interval, layout, retention, state
 from runner.checkpoint.manifest import Manifest, Reason
 from runner.checkpoint.reader import CorruptSnapshotError, RunReader
-from runner.checkpoint.settings import CheckpointSettings
+from runner.checkpoint.settings import CheckpointSettings, observed_interruptions_from_env
 from runner.checkpoint.writer import BackgroundWriter, CommitResult, PendingSnapshot, write_snapshot
 from runner.errors import ConfigError, SnapshotNotFoundError, StateMismatchError
 from runner.storage import StorageError, Store
@@ -44,15 +44,18 @@ class Checkpointer:
     `load_state_dict()` (modules, optimizers, schedulers, GradScaler, data
     loaders, your own).  RNG streams are captured automatically.  `extra` is a
     dict of JSON-able values, saved with each snapshot and updated in place
-    on restore.
+    on restore.  `save_every_steps` is a number of steps or "auto" (chosen
+    from the measured save cost and the interruption rate, see
+    runner/checkpoint/interval.py; `interruption_mtbf_s` sets that rate).
 
     Raises ConfigError on bad settings, StorageError when the bucket is unusable.
     """
 
     def __init__(self, bucket: str | None = None, run_id: str | None = None, *,
-                 save_every_steps: int | None = None, keep_last: int | None = None,
+                 save_every_steps: int | str | None = None, keep_last: int | None = None,
                  storage_options: dict[str, Any] | None = None, resume: str | None = None,
                  async_save: bool | None = None, strict: bool | None = None, keep_host_copy: bool | None = None,
+                 interruption_mtbf_s: float | None = None,
                  map_location: Any = "cpu", extra: dict[str, Any] | None = None,
                  _settings: CheckpointSettings | None = None, **components: Any):
         if _settings is None:
@@ -60,7 +63,8 @@ class Checkpointer:
                                save_every_steps=save_every_steps, keep_last=keep_last,
                                storage_options=storage_options, resume=resume,
                                async_save=async_save, strict=strict, keep_host_copy=keep_host_copy,
-                               control_dir=_env_control_dir())
+                               interruption_mtbf_s=interruption_mtbf_s, control_dir=_env_control_dir(),
+                               observed_interruptions=observed_interruptions_from_env())
         self.settings = _settings
         self.components = _check_components(components)
         self.extra = extra if extra is not None else {}
@@ -88,6 +92,8 @@ class Checkpointer:
         self.load_reports: dict[str, state.LoadReport] = {}
         self._last_saved_step: int | None = None
         self._superseded: Manifest | None = None  # a same-step periodic snapshot the final save replaces
+        # save_every_steps="auto": the interval in force, fed with step times and save costs (interval.py).
+        self.auto_interval = _auto_interval(self.settings)
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> "Checkpointer":
@@ -235,6 +241,8 @@ class Checkpointer:
             return True
 
     def _step(self, step: int, epoch: int | None, metrics: dict[str, float] | None) -> bool:
+        if self.auto_interval is not None:
+            self.auto_interval.tick()
         if self._reports:
             self.channel.progress(step)
         request = self.channel.poll()
@@ -248,7 +256,7 @@ class Checkpointer:
         if control.preemption_requested():
             return True  # already answered with an emergency snapshot: just stop
         if self._due(step):
-            self._save_async(step, epoch, metrics)
+            self._periodic(self._save_async, step, epoch, metrics)
         return False
 
     def _step_agreed(self, step: int, epoch: int | None, metrics: dict[str, float] | None,
@@ -263,11 +271,13 @@ class Checkpointer:
         if self._stopped:
             return True
         stop = (request is not None and request.action == control.STOP) or control.preemption_requested()
-        agreed = self._group.agree(_STOP if stop else _SAVE if request is not None else _GO)
-        if agreed == _GO:
-            if self._due(step):
-                periodic = self._save_sharded_async if self.settings.async_save else self._save_periodic_now
-                periodic(step, epoch, metrics)
+        # An automatic interval is measured on each rank: rank 0's decision is the job's, carried by the vote.
+        periodic = self._due(step) and (self.auto_interval is None or self._group.is_coordinator)
+        agreed = self._group.agree(_STOP if stop else _SAVE if request is not None else _PERIODIC if periodic else _GO)
+        if agreed in (_GO, _PERIODIC):
+            if agreed == _PERIODIC:
+                save = self._save_sharded_async if self.settings.async_save else self._save_periodic_now
+                self._periodic(save, step, epoch, metrics)
             return False
         result = self.save(step, epoch=epoch, metrics=metrics,
                            reason=Reason.EMERGENCY if agreed == _STOP else Reason.MANUAL)
@@ -286,10 +296,19 @@ class Checkpointer:
             log.warning("periodic save at step %d failed (%s); training goes on", step, exc)
 
     def _due(self, step: int) -> bool:
+        every = self.settings.save_every_steps
+        if self.auto_interval is not None:  # "auto": the interval changes, so it counts from the last save
+            return self.auto_interval.due(step, self._last_saved_step)
         # Periodic saves land on multiples of the interval, whatever emergency
         # saves or resumes happened in between, so a run's snapshots line up.
-        every = self.settings.save_every_steps
         return step // every > (self._last_saved_step or 0) // every
+
+    def _periodic(self, save: Any, step: int, epoch: int | None, metrics: dict[str, float] | None) -> None:
+        """Make a periodic save; with an automatic interval, its stall (all the time it took here) is measured."""
+        started = time.perf_counter()
+        save(step, epoch, metrics)
+        if self.auto_interval is not None:
+            self.auto_interval.saved(time.perf_counter() - started)
 
     def _save_async(self, step: int, epoch: int | None, metrics: dict[str, float] | None) -> None:
         try:
@@ -311,6 +330,8 @@ class Checkpointer:
         final; one already committed is removed once the final one is.
         """
         chosen = Reason.FINAL if final else Reason(reason or Reason.MANUAL)
+        if self.auto_interval is not None:
+            self.auto_interval.interrupted()  # this step's time is not a training step's
         result = self._finish_inflight(step, epoch, metrics) if final and self._group is None else None
         if result is None:
             try:
@@ -435,6 +456,8 @@ class Checkpointer:
         manifest = result.manifest
         self.last_snapshot = manifest
         self.last_commit = result
+        if self.auto_interval is not None and not blocking and manifest.reason is Reason.PERIODIC:
+            self.auto_interval.committed(result.write_seconds)
         self._last_saved_step = manifest.step
         log.info("run %s: committed snapshot %s (step %d, %s) in %.2fs", self.run_id, manifest.snapshot_id,
                  manifest.step, manifest.reason.value, result.write_seconds)
@@ -517,7 +540,14 @@ def _check_json(extra: dict[str, Any]) -> None:
         raise ConfigError(f"extra= must hold JSON-able values only: {exc}") from None
 
 
-_GO, _SAVE, _STOP = 0, 1, 2  # a rank's vote at a step boundary; the largest wins
+_GO, _PERIODIC, _SAVE, _STOP = 0, 1, 2, 3  # a rank's vote at a step boundary; the largest wins
+
+
+def _auto_interval(settings: CheckpointSettings) -> interval.AutoInterval | None:
+    if settings.save_every_steps != control.AUTO:
+        return None
+    mtbf = interval.estimate_mtbf(settings.interruption_mtbf_s, settings.observed_interruptions)
+    return interval.AutoInterval(mtbf)
 
 
 def _job_group() -> Any:

@@ -94,7 +94,7 @@ def start(args: argparse.Namespace) -> int:
     if not args.train_command:
         raise ConfigError("no training command: put it after --, e.g. runner start --bucket s3://b/runs -- python train.py")
     values = {name: getattr(args, name) for name in (
-        "run_id", "save_every_steps", "keep_last", "notice_source", "grace_seconds", "max_restarts",
+        "run_id", "save_every_steps", "interruption_mtbf_s", "keep_last", "notice_source", "grace_seconds", "max_restarts",
         "sync_dir", "imds_endpoint", "poll_interval_s", "lease_ttl_s", "restart_backoff_s", "crash_loop_limit",
         "sync_signal", "sync_settle_s", "sync_step_from", "scale_down_group",
         "price_per_hour", "price_label", "on_demand_price_per_hour", "heartbeat_s", "nproc_per_node", "nnodes", "rdzv_endpoint")}
@@ -149,7 +149,7 @@ def drill(args: argparse.Namespace) -> int:
     config = drills.DrillConfig(
         bucket=args.bucket, command=list(args.train_command), interruptions=args.interruptions, seed=args.seed,
         kinds=drills.parse_kinds(args.kinds), run_prefix=args.run_prefix, storage_options=_storage_options(args),
-        save_every_steps=args.save_every_steps, ignore=tuple(args.ignore or ()))
+        save_every_steps=_fixed_interval(args.save_every_steps), ignore=tuple(args.ignore or ()))
     report = drills.run_drill(config)
     terminal.drill_report(report, args.json)
     if report.identical:
@@ -158,6 +158,22 @@ def drill(args: argparse.Namespace) -> int:
     what = report.problems[0] if report.problems else f"the final states differ ({differ})"
     terminal.error(f"{what}; the instances' output is kept in {report.logs}" if report.logs else what)
     return EXIT_FAILED
+
+
+def _fixed_interval(text: str | None) -> int | None:
+    """`runner drill --save-every-steps`: a number of steps; "auto" is refused (the drill must know the saves)."""
+    if text is None:
+        return None
+    if text.strip().lower() == "auto":
+        raise ConfigError("runner drill needs a fixed --save-every-steps N: it plans its kills at the periodic "
+                          "saves, which 'auto' places by timing")
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise ConfigError(f"invalid --save-every-steps {text!r}: use a number of steps (1 or more)")
+    return steps
 
 
 def demo(args: argparse.Namespace) -> int:

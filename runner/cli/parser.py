@@ -167,7 +167,12 @@ def _add_start(sub: Any) -> None:
                  "runner start --bucket s3://my-bucket/runs --run-id exp1 -- python train.py --lr 3e-4",
                  commands.start, [_common(json_flag=False)])
     add_flag(p, "--run-id", metavar="ID", help=default("run_id"))
-    add_flag(p, "--save-every-steps", type=int, metavar="N", help=f"periodic save interval {default('save_every_steps')}")
+    add_flag(p, "--save-every-steps", metavar="N|auto",
+             help=f"periodic save interval in steps, or auto: chosen from the measured save cost and the run's "
+                  f"interruption rate (Young/Daly, at most 3.5%% overhead) {default('save_every_steps')}")
+    add_flag(p, "--interruption-mtbf", dest="interruption_mtbf_s", type=float, metavar="S",
+             help="with --save-every-steps auto: mean seconds between interruptions (default: from this run's "
+                  "ledger, blended with a 6 h prior)")
     add_flag(p, "--keep-last", type=int, metavar="K", help=f"valid snapshots to keep {default('keep_last')}")
     add_flag(p, "--notice-source", metavar="auto|ec2|alibaba|gcp|none", help=default("notice_source"))
     add_flag(p, "--grace-seconds", type=float, metavar="S",
@@ -245,7 +250,8 @@ def _add_drill(sub: Any) -> None:
                   "(default: %(default)s)")
     add_flag(p, "--run-prefix", metavar="PREFIX",
              help="the runs are PREFIX-reference and PREFIX-interrupted (default: drill-<UTC time>-<random>)")
-    add_flag(p, "--save-every-steps", type=int, metavar="N", help="passed to runner start (default: its default)")
+    add_flag(p, "--save-every-steps", metavar="N",
+             help="passed to runner start (default: its default); a number: the drill plans kills at the saves")
     add_flag(p, "--ignore", action="append", metavar="COMPONENT",
              help="a component allowed to differ (e.g. a wall-clock timer), repeatable")
     p.add_argument("train_command", nargs="*", metavar="COMMAND", help="the training command and its arguments, after --")

@@ -14,9 +14,12 @@ that spelling).
 """
 
 from runner.control.protocol import (
+    AUTO,
     ENV_BUCKET,
     ENV_CONTROL_DIR,
+    ENV_INTERRUPTION_MTBF,
     ENV_KEEP_LAST,
+    ENV_OBSERVED_INTERRUPTIONS,
     ENV_RESUME,
     ENV_RUN_ID,
     ENV_SAVE_EVERY_STEPS,
@@ -29,15 +32,21 @@ from runner.control.protocol import (
     ChildChannel,
     Request,
     SupervisorChannel,
+    decode_interruptions,
+    encode_interruptions,
     install_signal_handlers,
+    parse_save_every_steps,
     preemption_requested,
     reset_for_tests,
 )
 
 __all__ = [
+    "AUTO",
     "ENV_BUCKET",
     "ENV_CONTROL_DIR",
+    "ENV_INTERRUPTION_MTBF",
     "ENV_KEEP_LAST",
+    "ENV_OBSERVED_INTERRUPTIONS",
     "ENV_RESUME",
     "ENV_RUN_ID",
     "ENV_SAVE_EVERY_STEPS",
@@ -50,7 +59,10 @@ __all__ = [
     "ChildChannel",
     "Request",
     "SupervisorChannel",
+    "decode_interruptions",
+    "encode_interruptions",
     "install_signal_handlers",
+    "parse_save_every_steps",
     "preemption_requested",
     "reset_for_tests",
 ]

@@ -7,6 +7,12 @@ The supervisor starts the child with:
     RUNNER_BUCKET, RUNNER_RUN_ID, RUNNER_SAVE_EVERY_STEPS, RUNNER_KEEP_LAST,
     RUNNER_STORAGE_OPTIONS (JSON object), RUNNER_RESUME (snapshot id, "latest"
     or "none"), RUNNER_CONTROL_DIR (a local folder for requests and acks).
+RUNNER_SAVE_EVERY_STEPS is a number of steps or "auto" (parse_save_every_steps).
+With "auto" it may add RUNNER_INTERRUPTION_MTBF (seconds between
+interruptions, the user's --interruption-mtbf) and
+RUNNER_OBSERVED_INTERRUPTIONS ({"interruptions", "exposure_s"}: what the
+run's cost ledger shows, counted by the supervisor, which reads the ledger;
+the child's runner.checkpoint.interval turns it into an MTBF).
 
 Requests reach the child two ways, so that either alone suffices:
 - a signal: SIGUSR1 = save now and stop; SIGUSR2 = save now and go on
@@ -54,6 +60,10 @@ ENV_KEEP_LAST = "RUNNER_KEEP_LAST"
 ENV_STORAGE_OPTIONS = "RUNNER_STORAGE_OPTIONS"
 ENV_RESUME = "RUNNER_RESUME"
 ENV_CONTROL_DIR = "RUNNER_CONTROL_DIR"
+ENV_INTERRUPTION_MTBF = "RUNNER_INTERRUPTION_MTBF"
+ENV_OBSERVED_INTERRUPTIONS = "RUNNER_OBSERVED_INTERRUPTIONS"
+
+AUTO = "auto"  # save_every_steps chosen from measured costs (runner.checkpoint.interval)
 
 STOP_SIGNAL = signal.SIGUSR1
 SAVE_SIGNAL = signal.SIGUSR2
@@ -73,6 +83,38 @@ _PROGRESS_EVERY_S = 0.2
 class Request:
     id: str
     action: str  # STOP or SAVE
+
+
+def parse_save_every_steps(value: object) -> int | str:
+    """A save interval as the flag, the env and the keyword take it: an int >= 1 or "auto".
+
+    Raises ValueError with what to write instead.
+    """
+    text = str(value).strip().lower() if isinstance(value, str) else value
+    if text == AUTO:
+        return AUTO
+    try:
+        steps = int(text) if isinstance(text, str) else text
+    except ValueError:
+        steps = None
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"use a number of steps (1 or more) or 'auto', not {value!r}")
+    return steps
+
+
+def encode_interruptions(interruptions: int, exposure_s: float) -> str:
+    """RUNNER_OBSERVED_INTERRUPTIONS: interruptions seen over `exposure_s` seconds of the run."""
+    return json.dumps({"interruptions": int(interruptions), "exposure_s": round(float(exposure_s), 3)})
+
+
+def decode_interruptions(text: str) -> tuple[int, float] | None:
+    """(interruptions, exposure seconds) from RUNNER_OBSERVED_INTERRUPTIONS; None when malformed."""
+    try:
+        raw = json.loads(text)
+        count, exposure = int(raw["interruptions"]), float(raw["exposure_s"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return (count, exposure) if count >= 0 and exposure >= 0 else None
 
 
 def _write_atomic(path: Path, payload: dict) -> None:

@@ -1,7 +1,8 @@
 """The supervisor's side of the cost ledger: one `CostHook` per `runner start`.
 
 Owns: the attempt's start record (instance facts and prices, looked up in a
-background thread so the child starts at once), a heartbeat about every
+background thread so the child starts at once), the run's interruptions so
+far (for an automatic checkpoint interval: interruptions.py), a heartbeat about every
 `heartbeat_s` (so a hard kill leaves the last heartbeat as the end), the
 snapshots the child reports, emergency saves, crashes, the end record, and
 the live "cost so far" log line (periodically and at exit).
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from runner.cost import pricing
+from runner.cost.interruptions import History, interruption_history
 from runner.cost.ledger import LedgerWriter, read_events
 from runner.cost.pricing import UNKNOWN, Price
 from runner.cost.render import duration
@@ -59,6 +61,7 @@ class CostHook:
         self.price: Price = UNKNOWN
         self.prior_cost = 0.0
         self.ended = False
+        self._history: History | None = None
 
     # -- the supervisor's calls ---------------------------------------------------
 
@@ -72,6 +75,23 @@ class CostHook:
         self._thread = threading.Thread(target=self._run, name="runner-cost", daemon=True)
         self._thread.start()
         return self
+
+    def interruptions(self) -> tuple[int, float] | None:
+        """(interruptions, seconds) of the run so far, this attempt's time included; None when unreadable.
+
+        The ledger is read on the first call only (earlier attempts do not change).
+        """
+        if self._history is None:
+            try:
+                self._history = interruption_history(self.store, self.run_id, exclude={self.writer.attempt})
+            except Exception as exc:  # bookkeeping: the child falls back to its prior
+                log.warning("cost ledger: cannot count the run's interruptions (%s); the checkpoint interval "
+                            "uses its prior", exc)
+                return None
+            log.info("run %s: %d interruption(s) in %.1f h over %d earlier attempt(s) on the ledger", self.run_id,
+                     self._history.interruptions, self._history.exposure_s / 3600, self._history.attempts)
+        elapsed = max(0.0, time.time() - self.started_at) if self.started_at else 0.0
+        return self._history.interruptions, self._history.exposure_s + elapsed
 
     def drain(self, channel: Any) -> None:
         """Record the snapshots a child reported; call before its control folder is removed."""
@@ -205,6 +225,7 @@ class NoCostHook:
     """What the supervisor holds before the attempt starts: every call does nothing."""
 
     def drain(self, channel: Any) -> None: ...
+    def interruptions(self) -> None: ...
     def emergency(self, *args: Any, **kwargs: Any) -> None: ...
     def crash(self, *args: Any, **kwargs: Any) -> None: ...
     def end(self, *args: Any, **kwargs: Any) -> None: ...

@@ -111,7 +111,7 @@ class LedgerWriter:
         return event
 
 
-def _key_parts(key: str) -> tuple[str, int, str] | None:
+def key_parts(key: str) -> tuple[str, int, str] | None:
     """(attempt, seq, kind) of a ledger key, or None for a foreign object."""
     parts = key.split("/")
     if len(parts) < 4 or parts[-3] != LEDGER or not parts[-1].endswith(".json"):
@@ -129,7 +129,7 @@ def read_events(store: Store, run_id: str) -> list[Event]:
     """
     keys: dict[str, list[tuple[int, str, str]]] = {}
     for obj in store.list(ledger_prefix(run_id)):
-        parts = _key_parts(obj.key)
+        parts = key_parts(obj.key)
         if parts is not None:
             attempt, seq, kind = parts
             keys.setdefault(attempt, []).append((seq, kind, obj.key))

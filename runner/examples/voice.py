@@ -502,7 +502,9 @@ def _checkpointer(args: argparse.Namespace, w: Workload, extra: dict) -> runner.
     overrides = {
         "bucket": args.bucket,
         "run_id": args.run_id,
-        "save_every_steps": args.save_every_steps,  # None: keep the env's or the default
+        # The flag, else what `runner start` passes (RUNNER_SAVE_EVERY_STEPS), else "auto": the
+        # Checkpointer measures what a save costs and picks the interval (Young/Daly).
+        "save_every_steps": args.save_every_steps or os.environ.get("RUNNER_SAVE_EVERY_STEPS") or "auto",
         "keep_last": args.keep_last,
     }
     return runner.Checkpointer.from_env(
@@ -591,8 +593,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-id", default=env.get("RUNNER_RUN_ID", "voice-demo"),
                    help="run id inside the bucket (env RUNNER_RUN_ID; default voice-demo)")
     p.add_argument("--steps", type=int, default=2500, help="total optimizer steps (default 2500: about a minute)")
-    p.add_argument("--save-every-steps", type=int, default=None,
-                   help="periodic save interval (default: env RUNNER_SAVE_EVERY_STEPS or the Checkpointer's)")
+    p.add_argument("--save-every-steps", default=None, metavar="N|auto",
+                   help="periodic save interval in steps, or auto (default: env RUNNER_SAVE_EVERY_STEPS, else auto)")
     p.add_argument("--keep-last", type=int, default=None,
                    help="snapshots to keep (default: env RUNNER_KEEP_LAST or the Checkpointer's)")
     p.add_argument("--seed", type=int, default=0)

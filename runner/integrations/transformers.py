@@ -103,8 +103,11 @@ class RunnerCallback(TrainerCallback):
                  save_every_steps: int | None = None, **settings: Any):
         self.settings = _settings(bucket=bucket, run_id=run_id, **settings)
         self.save_every_steps = save_every_steps
-        if save_every_steps is not None and save_every_steps < 1:
-            raise ConfigError(f"save_every_steps must be at least 1, not {save_every_steps}")
+        if isinstance(save_every_steps, str) and save_every_steps.strip().lower() == control.AUTO:
+            raise ConfigError("save_every_steps='auto' is not supported by the Transformers callback: the Trainer "
+                              "saves (save_steps); pass a number of steps, or none")
+        if save_every_steps is not None and (not isinstance(save_every_steps, int) or save_every_steps < 1):
+            raise ConfigError(f"save_every_steps must be a number of steps (1 or more), not {save_every_steps!r}")
         self.store = Store(self.settings.bucket, self.settings.storage_options)
         self.store.check()
         self.reader = RunReader(self.store, self.settings.run_id)

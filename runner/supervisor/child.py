@@ -96,14 +96,25 @@ def child_env(
     *,
     bucket: str,
     run_id: str,
-    save_every_steps: int,
+    save_every_steps: int | str,
     keep_last: int,
     storage_options: Mapping[str, Any],
     resume: str,
     control_dir: str,
+    interruption_mtbf_s: float | None = None,
+    observed_interruptions: tuple[int, float] | None = None,
 ) -> dict[str, str]:
-    """`base` plus the RUNNER_* variables the child's Checkpointer reads."""
+    """`base` plus the RUNNER_* variables the child's Checkpointer reads.
+
+    `interruption_mtbf_s` and `observed_interruptions` (count, seconds on the
+    run's ledger) are for an automatic interval; each is left out when None.
+    """
     env = dict(base)
+    env.pop(control.ENV_OBSERVED_INTERRUPTIONS, None)  # only ever this start's count
+    if interruption_mtbf_s is not None:
+        env[control.ENV_INTERRUPTION_MTBF] = repr(float(interruption_mtbf_s))
+    if observed_interruptions is not None:
+        env[control.ENV_OBSERVED_INTERRUPTIONS] = control.encode_interruptions(*observed_interruptions)
     env.update({
         control.ENV_BUCKET: bucket,
         control.ENV_RUN_ID: run_id,

@@ -6,8 +6,9 @@ import re
 import signal
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from runner import control
 from runner.checkpoint import layout
 
 _PYTHON = re.compile(r"(.*/)?python[0-9.]*")
@@ -24,7 +25,10 @@ class StartConfig(BaseModel):
     bucket: str = Field(min_length=1)
     run_id: Annotated[str, AfterValidator(layout.check_run_id)] = "default"
     command: list[str] = Field(min_length=1)
-    save_every_steps: int = Field(default=100, ge=1)
+    # A number of steps, or "auto" (the child chooses it: runner/checkpoint/interval.py).
+    save_every_steps: Annotated[int | Literal["auto"], BeforeValidator(control.parse_save_every_steps)] = 100
+    # With "auto": seconds between interruptions (else the child uses this run's ledger and its prior).
+    interruption_mtbf_s: float | None = Field(default=None, gt=0)
     keep_last: int = Field(default=3, ge=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
     notice_source: Literal["auto", "ec2", "alibaba", "gcp", "none"] = "auto"

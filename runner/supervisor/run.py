@@ -54,6 +54,7 @@ import time
 from concurrent.futures import Future
 
 from runner.checkpoint.manifest import Manifest
+from runner.control import AUTO
 from runner.checkpoint.reader import RunReader
 from runner.control.lease import ENV_LEASE_GENERATION
 from runner.cost.hook import CostHook, NoCostHook
@@ -279,9 +280,12 @@ class Supervisor(Stopping):
     def _start_child(self, resume: Manifest | None, rdzv_id: str | None = None) -> Child:
         cfg = self.config
         control_dir = new_control_dir()
+        auto = cfg.save_every_steps == AUTO and cfg.interruption_mtbf_s is None  # the ledger's rate is wanted
         env = child_env(os.environ, bucket=cfg.bucket, run_id=cfg.run_id, save_every_steps=cfg.save_every_steps,
                         keep_last=cfg.keep_last, storage_options=cfg.storage_options,
-                        resume=resume.snapshot_id if resume else "none", control_dir=control_dir)  # fmt: skip
+                        resume=resume.snapshot_id if resume else "none", control_dir=control_dir,
+                        interruption_mtbf_s=cfg.interruption_mtbf_s,
+                        observed_interruptions=self.cost.interruptions() if auto else None)  # fmt: skip
         if self.lease is not None and self.lease.generation is not None:
             env[ENV_LEASE_GENERATION] = str(self.lease.generation)
         if resume is not None:

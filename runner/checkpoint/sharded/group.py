@@ -68,7 +68,7 @@ class Group:
         return self.rank == 0
 
     def agree(self, wish: int) -> int:
-        """The largest `wish` of any rank (the step-boundary vote: 0 go on, 1 save, 2 save and stop)."""
+        """The largest `wish` of any rank (the step-boundary vote: go on, periodic save, save, save and stop)."""
         if self.local:
             return wish
         flag = torch.tensor([wish], dtype=torch.int32)

@@ -275,3 +275,20 @@ def test_sigkill_mid_stream_leaves_nothing_visible_and_the_next_start_restores_t
     with runner.Checkpointer(s3_bucket_url, "exp", model=fresh) as again:
         assert again.restore() == 1
     assert torch.equal(fresh.weight, expected.weight) and torch.equal(fresh.bias, expected.bias)
+
+
+def test_retried_parts_never_touch_the_global_random_streams(s3_bucket_url: str, s3_env: dict[str, str], s3_proxy) -> None:
+    import random
+
+    import numpy as np
+
+    faults = FaultPlan({"503": 0.2, "500": 0.1, "reset": 0.1}, seed=3, only=lambda method, path: _is_part(method, path))
+    proxy = s3_proxy(faults=faults)
+    store = Store(s3_bucket_url, retry=RetryPolicy(base_delay=0.01, max_delay=0.05))
+    data = os.urandom(4 * PART_SIZE + 11)
+    before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone()
+    _write(store, "r/data/retried.bin", data)
+    assert sum(proxy.counts.values()) >= 1  # some part was sent again
+    assert random.getstate() == before[0]
+    assert (np.random.get_state()[1] == before[1]).all() and torch.equal(torch.get_rng_state(), before[2])
+    assert store.read_bytes("r/data/retried.bin") == data

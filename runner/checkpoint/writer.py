@@ -199,6 +199,9 @@ def _write_data(store: Store, run_id: str, sid: str, pending: PendingSnapshot, s
     """Serialize and publish every component; returns their manifest entries, in name order."""
     jobs: list[tuple[_DataFile, Future[None]]] = []
     pool = ThreadPoolExecutor(max_workers=_PUBLISH_THREADS, thread_name_prefix="runner-publish")
+    # A new store's exclusive-create probe (two PUTs and a DELETE of an invisible .tmp- key, once per
+    # store) runs beside the data instead of in sequence before the manifest create.
+    probe = pool.submit(store.prepare_create, layout.manifest_key(run_id, sid))
     try:
         for index, (name, payload) in enumerate(sorted(pending.components.items())):
             data = _prepare(store, run_id, sid, name, payload)
@@ -212,6 +215,7 @@ def _write_data(store: Store, run_id: str, sid: str, pending: PendingSnapshot, s
                 raise
         for _, future in jobs:
             future.result()
+        probe.result()
     except BaseException:
         for data, future in jobs:  # a failed save: publish no more (what is out stays invisible)
             if future.cancel():

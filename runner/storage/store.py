@@ -59,10 +59,12 @@ instance of a run ever writes at a time, on such a store.  The probe key is
 a `.tmp-` name, so a process killed between its PUT and its DELETE leaves
 an object that no listing shows.
 
-Large data goes through a spool file (`spool_path` + `write_file`) rather
-than through bytes in memory: a writer streams into a file, which releases
-the GIL where building a large `bytes` does not, and a local store publishes
-that very file with one rename (it is the temporary sibling).
+Large data is streamed (`open_upload`, upload.py) rather than built as bytes
+in memory: on S3 a writer's bytes leave as multipart parts while it writes
+(no spool file), completed or aborted at the end; other stores stream into a
+spool file (`spool_path` + `write_file`), which releases the GIL where
+building a large `bytes` does not, and a local store publishes that very
+file with one rename (it is the temporary sibling).
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ from runner.storage.errors import (
     retryable_request_error,
     translate,
 )
-from runner.storage.upload import PARTS_IN_FLIGHT, S3Upload, SpoolUpload, Upload
+from runner.storage.upload import PartPool, S3Upload, SpoolUpload, Upload
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -105,7 +107,7 @@ T = TypeVar("T")
 # Objects larger than this are fetched as parallel ranged GETs.
 _PARALLEL_READ_THRESHOLD = 32 * 2**20
 _READ_CHUNK = 16 * 2**20
-# S3 part size for data writes (write_bytes, write_file); s3fs's default is 50 MiB,
+# S3 part size for data writes (write_bytes, write_file, open_upload); s3fs's default is 50 MiB,
 # so anything under 100 MiB went as one PUT stream.  16 MiB parts let s3fs send up
 # to `max_concurrency` (10) parts at once from 32 MiB up; on moto a 500 MB snapshot
 # uploads ~13% faster than with 50 MiB parts, while 8 MiB was no better than 16 and
@@ -281,7 +283,7 @@ class Store:
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._is_s3 = hasattr(self.fs, "call_s3")  # s3fs: multipart part size, bulk deletes, streaming uploads
-        self._part_slots = threading.BoundedSemaphore(PARTS_IN_FLIGHT)  # every streaming upload's parts in flight
+        self._parts = PartPool(size=_UPLOAD_CHUNK)  # every streaming upload's parts in flight, and their buffers
 
     # -- paths -------------------------------------------------------------
 
@@ -362,7 +364,7 @@ class Store:
         As a context manager it commits on a normal exit and aborts on an exception.
         """
         if self._is_s3:
-            return S3Upload(self.fs, self.path(key), self.url, key, self.retry, self._part_slots, _UPLOAD_CHUNK)
+            return S3Upload(self.fs, self.path(key), self.url, key, self.retry, self._parts)
         return SpoolUpload(self, key)
 
     def spool_path(self, key: str) -> str:
@@ -439,15 +441,23 @@ class Store:
             if self.is_local:
                 self._call(self._local_write, path, data, exclusive=True, key=key)
             else:
-                # In the run's own folder (a key's first one): all that a run's credentials may write to.
-                folder, _, rest = key.strip("/").partition("/")
-                self._ensure_exclusive(folder if rest else "")
+                self.prepare_create(key)
                 self._call(self.fs.pipe_file, path, data, mode="create", key=key)
         except ObjectExistsError:
             if self._holds(key, data):
                 log.info("the reply to creating %s was lost, but the object is ours: created", key)
                 return
             raise
+
+    def prepare_create(self, key: str) -> None:
+        """Run the once-per-store exclusive-create probe for `key` now, if it has not run (a no-op on local stores).
+
+        A writer calls it while its data uploads, so that its first `create_bytes`
+        is one request rather than four in sequence.  Raises what the probe raises.
+        """
+        # In the run's own folder (a key's first one): all that a run's credentials may write to.
+        folder, _, rest = key.strip("/").partition("/")
+        self._ensure_exclusive(folder if rest else "")
 
     def _ensure_exclusive(self, folder: str) -> None:
         """Once per store, before its first remote exclusive create: prove the store refuses a second one."""

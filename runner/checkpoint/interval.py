@@ -37,6 +37,9 @@ Why these choices:
   20 % is one log line (a small rise that only keeps a clamp is logged at
   debug level).  It is computed again after every periodic save and every
   200 steps (the step time may change: evaluation, longer sequences).
+- Sharded jobs.  Every rank must save at the same step, and each rank's
+  measurements differ a little; rank 0's decision is the job's, carried to
+  the others by the Checkpointer's step-boundary vote (no extra collective).
 - The first save.  Before any save there is no measured C, so the first
   periodic save comes after 60 s of training (`FIRST_SAVE_S`): soon enough
   that a store that refuses writes (credentials, permissions) shows within

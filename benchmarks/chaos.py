@@ -263,7 +263,9 @@ class Run:
     # The proxy calls this before forwarding each request (in its handler thread).
     def _hold(self, method: str, path: str) -> None:
         armed = self.armed
-        if armed is None or f"/{self.bucket_name}/" not in path or request_kind(method, path) != armed["kind"]:
+        # A bulk delete (retention) is `POST /<bucket>?delete`: the bucket is followed by "?", not "/".
+        ours = path.startswith((f"/{self.bucket_name}/", f"/{self.bucket_name}?"))
+        if armed is None or not ours or request_kind(method, path) != armed["kind"]:
             return
         with self.tally.lock:
             armed["seen"] += 1

@@ -453,6 +453,7 @@ def worker_restore(spec: dict[str, Any]) -> dict[str, Any]:
     method.close()
     return {"checksum": got, "checksum_before": before, "requests": requests, "restore_s": restored - started,
             "first_step_s": stepped - stepping, "to_first_step_s": (restored - started) + (stepped - stepping),
+            "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB,
             "startup_s": ready - spec["spawned"], "build_s": built - ready}
 
 
@@ -534,6 +535,10 @@ def worker_main(kind: str, spec_json: str, out: str) -> int:
     logging.basicConfig(level=logging.WARNING)
     spec = json.loads(spec_json)
     preimport(spec.get("state"))
+    if os.environ.get("PEERS_TORCH_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["PEERS_TORCH_THREADS"]))
     spec["ready"] = time.time()  # start-up and imports end here
     result = WORKERS[kind](spec)
     Path(out).write_text(json.dumps(result))
@@ -610,11 +615,16 @@ class MotoTarget(Target):
 # The driver: children
 
 
+CHILD_THREADS: int | None = None  # --threads, for every child
+
+
 def child_env(target_env: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("RUNNER_") and k not in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3")}
     env.update(target_env)
     env["PYTHONUNBUFFERED"] = "1"
+    if CHILD_THREADS is not None:
+        env["OMP_NUM_THREADS"] = env["PEERS_TORCH_THREADS"] = str(CHILD_THREADS)
     return env
 
 
@@ -677,7 +687,7 @@ def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
     save_keys = ("stall_s", "durable_s", "bytes", "state_bytes", "peak_rss_MB", "rss_after_build_MB", "startup_s",
                  "build_s")
-    restore_keys = ("restore_s", "first_step_s", "to_first_step_s", "startup_s", "build_s")
+    restore_keys = ("restore_s", "first_step_s", "to_first_step_s", "peak_rss_MB", "startup_s", "build_s")
     out: dict[str, Any] = {f"save_{k}": med("save", k) for k in save_keys}
     out.update({f"restore_{k}": med("restore", k) for k in restore_keys})
     out["save_added_MB"] = statistics.median(s["save"]["peak_rss_MB"] - s["save"]["rss_after_build_MB"]
@@ -718,8 +728,9 @@ def format_ceiling(c: dict[str, Any], rate_mbps: float, latency_ms: float) -> st
 # The driver: report
 
 
-def _ratio(x: float, base: float) -> str:
-    return f"{x / base:.2f}" if base > 0 else "-"
+def _ratio(m: dict[str, Any], base: dict[str, Any] | None, key: str) -> str:
+    """m[key] / base[key]; "-" without the by-hand baseline (not in --methods) or when it is 0."""
+    return f"{m[key] / base[key]:.2f}" if base and base[key] > 0 else "-"
 
 
 def format_case(r: dict[str, Any]) -> str:
@@ -728,15 +739,13 @@ def format_case(r: dict[str, Any]) -> str:
     rows = [("method", "MB stored", "stall s", "ratio", "durable s", "ratio", "restore->step s", "ratio",
              "peak RSS MB", "+save MB", "ratio", "requests save/restore", "checksum")]
     for name, m in ms.items():
-        b = base or m
         requests = "" if m["requests_save"] is None else f"{m['requests_save']:.0f}/{m['requests_restore']:.0f}"
         rows.append((LABELS[name], f"{m['save_bytes'] / MB:.1f}",
-                     f"{m['save_stall_s']:.3f}", _ratio(m["save_stall_s"], b["save_stall_s"]),
-                     f"{m['save_durable_s']:.3f}", _ratio(m["save_durable_s"], b["save_durable_s"]),
-                     f"{m['restore_to_first_step_s']:.3f}",
-                     _ratio(m["restore_to_first_step_s"], b["restore_to_first_step_s"]),
+                     f"{m['save_stall_s']:.3f}", _ratio(m, base, "save_stall_s"),
+                     f"{m['save_durable_s']:.3f}", _ratio(m, base, "save_durable_s"),
+                     f"{m['restore_to_first_step_s']:.3f}", _ratio(m, base, "restore_to_first_step_s"),
                      f"{m['save_peak_rss_MB']:.0f}", f"{m['save_added_MB']:.0f}",
-                     _ratio(m["save_peak_rss_MB"], b["save_peak_rss_MB"]), requests,
+                     _ratio(m, base, "save_peak_rss_MB"), requests,
                      "ok" if m["ok"] else "MISMATCH"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     first = next(iter(ms.values()))
@@ -772,6 +781,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate-mbps", type=float, default=200.0, help="the shaped target's cap, MB/s per direction")
     p.add_argument("--latency-ms", type=float, default=20.0, help="the shaped target's added latency per request")
     p.add_argument("--probe-mb", type=float, default=100.0, help="bytes each way when measuring the proxy's ceiling")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (and OMP_NUM_THREADS) in every child; default: torch's own choice")
     p.add_argument("--tmp", default=None, help="folder for the local target and staging files")
     p.add_argument("--json", dest="json_out", default=None, help="also write every number here")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -785,26 +796,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
            + [m for m in args.methods if m not in METHODS])
     if bad:
         p.error(f"unknown state/target/method: {', '.join(bad)}")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
     if args.repeats < 1 or args.warmup < 0 or args.state_mb <= 0 or args.rate_mbps < 0 or args.latency_ms < 0:
         p.error("--repeats must be >= 1; --warmup, --rate-mbps and --latency-ms >= 0; --state-mb > 0")
     return args
 
 
-def header() -> str:
+def header(threads: int | None) -> str:
     import torch
 
+    chosen = threads if threads is not None else f"{torch.get_num_threads()} (torch's default)"
     return (f"peers: python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} cpus, "
-            f"torch threads {torch.get_num_threads()}; every save and restore in a fresh child process")
+            f"torch threads {chosen}; every save and restore in a fresh child process")
 
 
 def main(argv: list[str] | None = None) -> int:
+    global CHILD_THREADS
     args = parse_args(argv)
     if args.worker:
         return worker_main(args.worker, args.spec, args.out)
+    CHILD_THREADS = args.threads
     root = args.tmp or tempfile.gettempdir()
-    print(header(), flush=True)
+    print(header(args.threads), flush=True)
     results: list[dict[str, Any]] = []
-    report: dict[str, Any] = {"argv": sys.argv[1:], "header": header(), "results": results}
+    report: dict[str, Any] = {"argv": sys.argv[1:], "header": header(args.threads), "results": results}
     with contextlib.ExitStack() as stack:
         s3_needed = any(t != "local" for t in args.targets)
         moto = stack.enter_context(MotoProcess()) if s3_needed else None

@@ -13,7 +13,8 @@ How: each part is a coroutine on s3fs's event loop thread (`fs.loop`, where
 every s3fs request of the store runs), handed over from the writing thread
 with `asyncio.run_coroutine_threadsafe`; the writing thread waits only when
 `PARTS_IN_FLIGHT` parts of its store are out (back-pressure: memory stays
-within that many parts plus the one being filled by each open upload).  The
+within that many parts plus the one being filled by each open upload, and
+`PartPool` reuses the buffers of parts sent while any upload is open).  The
 requests go through the store's own s3fs client, made from the session that
 carries our `needs-retry` handler (store.py), so a request is retried as any
 other of the store's, with the RetryPolicy's private jitter; a part that
@@ -30,7 +31,9 @@ which no listing shows and `Store.abort_stale_uploads` (or a bucket lifecycle
 rule) removes later.
 
 A lost reply to CompleteMultipartUpload: the store completed the upload, the
-reply never came, the retry is answered NoSuchUpload.  The object at the key
+reply never came, the retry is answered NoSuchUpload (S3 may instead answer
+it with the object for a while, as moto does: that is a plain success).  The
+object at the key
 is then looked at (one HEAD): when its size is ours and its ETag is the
 multipart ETag of our parts (S3's: the MD5 of the parts' binary MD5s, which
 their UploadPart replies gave as their ETags, then "-N"), the complete was

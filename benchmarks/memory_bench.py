@@ -176,6 +176,9 @@ def main() -> None:
     if args.worker:
         Path(args.out).write_text(json.dumps(worker(args.worker, args.bucket, args.saves)))
         return
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     results = []
     print(f"memory_bench: {os.cpu_count()} cpus, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.1f} GiB "

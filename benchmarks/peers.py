@@ -198,6 +198,10 @@ class Method:
     def __init__(self, place: Place, components: dict[str, Any]):
         self.place = place
         self.components = components
+        # Seconds from the save call until the snapshot is committed (its bytes and
+        # metadata durable, what a restore could load), when that comes before save()'s
+        # "durable" moment; None: the same moment.
+        self.committed_s: float | None = None
 
     def prepare_save(self) -> None:
         pass
@@ -358,6 +362,9 @@ class RunnerMethod(Method):
         commit = self.ckpt.last_commit
         if commit is None or commit.manifest.step != step:
             raise RuntimeError(f"ckpt.step({step}) did not commit a snapshot of step {step}")
+        # The manifest is created at the end of write_seconds (on the writer thread, which
+        # starts at the hand-off); wait() also waits for retention after it.
+        self.committed_s = handed - started + commit.write_seconds
         return handed - started, durable - started, sum(f.size for f in commit.manifest.files)
 
     def restore(self, step: int) -> None:
@@ -424,7 +431,9 @@ def worker_save(spec: dict[str, Any]) -> dict[str, Any]:
     stall, durable, written = method.save(step)
     requests = counted.since()
     method.close()
-    return {"checksum": expected, "step": step, "stall_s": stall, "durable_s": durable, "bytes": written,
+    committed = durable if method.committed_s is None else method.committed_s
+    return {"checksum": expected, "step": step, "stall_s": stall, "durable_s": durable, "committed_s": committed,
+            "bytes": written,
             "requests": requests,
             "state_bytes": tensor_bytes({n: c.state_dict() for n, c in state.components.items()}),
             "source": state.source, "peak_reset": peak_reset,
@@ -685,7 +694,7 @@ def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
         counts = [s[part]["requests"]["requests"] for s in samples if s[part]["requests"]]
         return statistics.median(counts) if counts else None
 
-    save_keys = ("stall_s", "durable_s", "bytes", "state_bytes", "peak_rss_MB", "rss_after_build_MB", "startup_s",
+    save_keys = ("stall_s", "committed_s", "durable_s", "bytes", "state_bytes", "peak_rss_MB", "rss_after_build_MB", "startup_s",
                  "build_s")
     restore_keys = ("restore_s", "first_step_s", "to_first_step_s", "peak_rss_MB", "startup_s", "build_s")
     out: dict[str, Any] = {f"save_{k}": med("save", k) for k in save_keys}
@@ -736,12 +745,14 @@ def _ratio(m: dict[str, Any], base: dict[str, Any] | None, key: str) -> str:
 def format_case(r: dict[str, Any]) -> str:
     ms = r["methods"]
     base = ms.get("byhand")
-    rows = [("method", "MB stored", "stall s", "ratio", "durable s", "ratio", "restore->step s", "ratio",
+    rows = [("method", "MB stored", "stall s", "ratio", "committed s", "ratio", "durable s", "ratio",
+             "restore->step s", "ratio",
              "peak RSS MB", "+save MB", "ratio", "requests save/restore", "checksum")]
     for name, m in ms.items():
         requests = "" if m["requests_save"] is None else f"{m['requests_save']:.0f}/{m['requests_restore']:.0f}"
         rows.append((LABELS[name], f"{m['save_bytes'] / MB:.1f}",
                      f"{m['save_stall_s']:.3f}", _ratio(m, base, "save_stall_s"),
+                     f"{m['save_committed_s']:.3f}", _ratio(m, base, "save_committed_s"),
                      f"{m['save_durable_s']:.3f}", _ratio(m, base, "save_durable_s"),
                      f"{m['restore_to_first_step_s']:.3f}", _ratio(m, base, "restore_to_first_step_s"),
                      f"{m['save_peak_rss_MB']:.0f}", f"{m['save_added_MB']:.0f}",

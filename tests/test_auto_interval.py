@@ -301,7 +301,10 @@ def test_a_dearer_save_mid_run_changes_the_interval_and_says_so(tmp_path, monkey
     assert ckpt.auto_interval.steps >= math.ceil(0.1 / 0.035 / choice.step_s)
     # The first dear save came at the cheap interval; the next one at the new interval, at once.
     (_, gap, in_force), (_, next_gap, next_in_force) = dear["saves"]
-    assert gap == in_force == cheap and next_gap == next_in_force == ckpt.auto_interval.steps
+    assert gap == in_force == cheap and next_gap == next_in_force
+    assert next_in_force > 3 * cheap and next_in_force >= math.ceil(0.1 / 0.035 / choice.step_s)
+    # (Evaluated again after that save, the interval may follow the clamp on: a loaded machine measured
+    # a slower second dear save and moved 487 -> 494 steps, so the final value is checked above, not here.)
     changed = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"checkpoint interval: {cheap} ->")]
     assert len(changed) == 1 and "held at 3.5% overhead" in changed[0], caplog.text
 

@@ -53,6 +53,8 @@ into the store's spool file (`Store.spool_path`), published by
 
 from __future__ import annotations
 
+import abc
+
 import asyncio
 import concurrent.futures
 import functools
@@ -76,7 +78,7 @@ PARTS_IN_FLIGHT = 8
 _MD5_ETAG = re.compile(r"^[0-9a-fA-F]{32}$")
 
 
-class Upload:
+class Upload(abc.ABC):
     """A write-only file object whose bytes become one object at commit.
 
     `write` as a file's; `finish()` once every byte is written (nothing is
@@ -89,20 +91,20 @@ class Upload:
 
     size = 0
 
-    def write(self, data: Any) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def write(self, data: Any) -> int: ...
 
     def flush(self) -> None:
         """torch.save flushes its target; the bytes are already handed over."""
 
-    def finish(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def finish(self) -> None: ...
 
-    def commit(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def commit(self) -> None: ...
 
-    def abort(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def abort(self) -> None: ...
 
     def __enter__(self) -> "Upload":
         return self

@@ -122,18 +122,6 @@ def build_state(name: str, state_mb: float, trained: bool) -> TrainState:
     return state
 
 
-def tensor_bytes(obj: Any) -> int:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
 def checksum(components: dict[str, Any]) -> str:
     """SHA-256 over every component's state_dict: keys, tensor dtypes, shapes and bytes, other values' repr.
 
@@ -415,6 +403,7 @@ def reset_peak_rss() -> bool:
 
 def worker_save(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the trained state, make `warmup` untimed saves, then the timed one; peak RSS of the saves."""
+    from runner.checkpoint.state import tensor_bytes as state_tensor_bytes
     ready = spec["ready"]
     state = build_state(spec["state"], spec["state_mb"], trained=True)
     built = time.time()
@@ -435,7 +424,7 @@ def worker_save(spec: dict[str, Any]) -> dict[str, Any]:
     return {"checksum": expected, "step": step, "stall_s": stall, "durable_s": durable, "committed_s": committed,
             "bytes": written,
             "requests": requests,
-            "state_bytes": tensor_bytes({n: c.state_dict() for n, c in state.components.items()}),
+            "state_bytes": state_tensor_bytes({n: c.state_dict() for n, c in state.components.items()}),
             "source": state.source, "peak_reset": peak_reset,
             "rss_after_build_MB": rss_after_build_kb * 1024 / MB,
             "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB,

@@ -84,18 +84,8 @@ class BenchState:
         return {name: obj.state_dict() for name, obj in self.components.items()}
 
 
-def _tensor_bytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
 def _describe(components: dict[str, Any]) -> str:
-    parts = [f"{n} {_tensor_bytes(o.state_dict()) / MB:.1f} MB" for n, o in components.items()]
+    parts = [f"{n} {ckstate.tensor_bytes(o.state_dict()) / MB:.1f} MB" for n, o in components.items()]
     return ", ".join(parts)
 
 
